@@ -1,0 +1,432 @@
+//! The gateway's configuration file.
+//!
+//! ```yaml
+//! cluster: diego                 # this cluster, as in SPIFFE IDs and route home clusters
+//! trust_domain: mesh.local
+//! tls: {cert: certs/cert.pem, key: certs/key.pem, bundle: certs/ca.pem}
+//! routes: {file: routes.yaml}
+//! admin: {listen: "127.0.0.1:15020"}
+//! ingress: {listen: "0.0.0.0:15008", quic: true}
+//! egress:
+//!   peers:
+//!     - {cluster: k8s, endpoints: ["10.0.8.5:15008", "10.0.8.6:15008"], transport: quic}
+//!   listen_address: 0.0.0.0      # one listener per port of remote routes (VIP, Host, SNI)
+//!   vip_range: 100.64.0.0/16
+//!   dedicated:
+//!     - {listen: "127.0.0.1:18080", route: "orders.apps.internal:8080"}
+//! ```
+//!
+//! Parsing has no side effects; [`Validate`] checks what serde cannot. Tests build these
+//! structs as values (every section has a `Default`).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use isthmus_route_sync::{ClusterName, RouteKey};
+use isthmus_runtime::config::{FieldError, HumanDuration, Validate};
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// This cluster's name (`diego`, `k8s`): the `<cluster>` of SPIFFE IDs and the
+    /// `home_cluster` of routes served here.
+    pub cluster: String,
+    /// The mesh trust domain (`mesh.local`).
+    pub trust_domain: String,
+    /// This gateway's identity and trust bundle.
+    pub tls: TlsFilesConfig,
+    /// Where routes come from.
+    pub routes: RoutesConfig,
+    /// The admin server.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// How long in-flight connections may run after SIGTERM before they are closed.
+    #[serde(default = "default_drain")]
+    pub drain_timeout: HumanDuration,
+    /// The ingress role; absent means this gateway does not accept tunnels.
+    #[serde(default)]
+    pub ingress: Option<IngressConfig>,
+    /// The egress role; absent means this gateway does not carry local apps out.
+    #[serde(default)]
+    pub egress: Option<EgressConfig>,
+}
+
+fn default_drain() -> HumanDuration {
+    HumanDuration::from_secs(30)
+}
+
+/// PEM files, polled for changes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFilesConfig {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Private key of the leaf.
+    pub key: PathBuf,
+    /// Trust bundle: one or more CA certificates.
+    pub bundle: PathBuf,
+    /// How often the files are checked for changes.
+    #[serde(default = "default_poll")]
+    pub reload_interval: HumanDuration,
+}
+
+fn default_poll() -> HumanDuration {
+    HumanDuration::from_millis(500)
+}
+
+/// The route source.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutesConfig {
+    /// A YAML route file (see `isthmus_route_sync::source::file`).
+    pub file: PathBuf,
+    /// How often the file is checked for changes.
+    #[serde(default = "default_poll")]
+    pub poll_interval: HumanDuration,
+}
+
+/// The admin server (`/healthz`, `/readyz`, `/metrics`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address to listen on.
+    #[serde(default = "default_admin")]
+    pub listen: SocketAddr,
+}
+
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 15020))
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_admin(),
+        }
+    }
+}
+
+/// The ingress role: terminates tunnels from other clusters.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngressConfig {
+    /// Tunnel address: TCP (TLS, h2 CONNECT) and, with `quic`, UDP on the same port.
+    #[serde(default = "default_tunnel")]
+    pub listen: SocketAddr,
+    /// Also accept QUIC on the same port number over UDP.
+    #[serde(default = "yes")]
+    pub quic: bool,
+    /// Time allowed for one backend connect attempt.
+    #[serde(default = "default_connect")]
+    pub connect_timeout: HumanDuration,
+    /// Time allowed for a TLS or QUIC handshake (slowloris guard).
+    #[serde(default = "default_handshake")]
+    pub handshake_timeout: HumanDuration,
+    /// Time allowed for a QUIC stream's request head to arrive.
+    #[serde(default = "default_handshake")]
+    pub request_timeout: HumanDuration,
+    /// Concurrent streams one tunnel connection may open.
+    #[serde(default = "default_server_streams")]
+    pub max_streams_per_connection: u32,
+    /// Concurrent tunneled connections, all callers together; beyond it streams get 429.
+    #[serde(default = "default_max_conns")]
+    pub max_connections: usize,
+    /// Largest request header block accepted, in bytes.
+    #[serde(default = "default_header")]
+    pub max_header_bytes: u32,
+    /// Flow-control window per stream, in bytes.
+    #[serde(default = "default_stream_window")]
+    pub stream_window: u32,
+    /// Flow-control window per tunnel connection, in bytes.
+    #[serde(default = "default_conn_window")]
+    pub connection_window: u32,
+    /// A tunnel connection with no stream for this long is closed.
+    #[serde(default = "default_idle")]
+    pub idle_timeout: HumanDuration,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_tunnel() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 15008))
+}
+fn default_connect() -> HumanDuration {
+    HumanDuration::from_secs(2)
+}
+fn default_handshake() -> HumanDuration {
+    HumanDuration::from_secs(5)
+}
+fn default_server_streams() -> u32 {
+    200
+}
+fn default_client_streams() -> u32 {
+    100
+}
+fn default_max_conns() -> usize {
+    20_000
+}
+fn default_header() -> u32 {
+    16 * 1024
+}
+fn default_stream_window() -> u32 {
+    4 * 1024 * 1024
+}
+fn default_conn_window() -> u32 {
+    16 * 1024 * 1024
+}
+fn default_idle() -> HumanDuration {
+    HumanDuration::from_secs(300)
+}
+fn default_peek_bytes() -> usize {
+    16 * 1024
+}
+
+impl Default for IngressConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_tunnel(),
+            quic: true,
+            connect_timeout: default_connect(),
+            handshake_timeout: default_handshake(),
+            request_timeout: default_handshake(),
+            max_streams_per_connection: default_server_streams(),
+            max_connections: default_max_conns(),
+            max_header_bytes: default_header(),
+            stream_window: default_stream_window(),
+            connection_window: default_conn_window(),
+            idle_timeout: default_idle(),
+        }
+    }
+}
+
+/// How the egress reaches a peer cluster's ingress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// TLS over TCP, HTTP/2 CONNECT.
+    #[default]
+    Tcp,
+    /// QUIC, one bidirectional stream per connection.
+    Quic,
+}
+
+/// A peer cluster's ingress endpoints.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// The peer cluster's name: routes homed there go to these endpoints.
+    pub cluster: String,
+    /// Its ingress gateways' tunnel addresses, tried in turn.
+    pub endpoints: Vec<SocketAddr>,
+    /// tcp or quic.
+    #[serde(default)]
+    pub transport: Transport,
+    /// With `quic`, fall back to tcp for an endpoint whose QUIC handshake fails (UDP blocked).
+    #[serde(default = "yes")]
+    pub fallback_to_tcp: bool,
+}
+
+/// A listener bound to one route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedicatedListener {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// The route every connection to it goes to, `name:port`.
+    pub route: String,
+}
+
+/// The egress role: carries local apps' connections to other clusters.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressConfig {
+    /// Peer clusters and their ingress endpoints.
+    pub peers: Vec<PeerConfig>,
+    /// Bind one listener on this address for every port of a route homed elsewhere; a
+    /// connection's route is found by the VIP it arrived on, else by its Host header or SNI.
+    #[serde(default)]
+    pub listen_address: Option<IpAddr>,
+    /// Per-route virtual IPs (the DNS shim hands out the same ones).
+    #[serde(default)]
+    pub vip_range: Option<String>,
+    /// Listeners bound to one route each.
+    #[serde(default)]
+    pub dedicated: Vec<DedicatedListener>,
+    /// Time allowed for a Host header or SNI to arrive on a shared listener.
+    #[serde(default = "default_handshake")]
+    pub peek_timeout: HumanDuration,
+    /// Bytes read at most to find a Host header or SNI.
+    #[serde(default = "default_peek_bytes")]
+    pub peek_max_bytes: usize,
+    /// Concurrent app connections; beyond it new ones are closed at once.
+    #[serde(default = "default_max_conns")]
+    pub max_connections: usize,
+    /// The tunnel connection pool.
+    #[serde(default)]
+    pub pool: PoolConfig,
+}
+
+/// Pooled tunnel connections to peer ingresses.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Streams per pooled connection before another is opened.
+    #[serde(default = "default_client_streams")]
+    pub max_streams_per_connection: u32,
+    /// A pooled connection with no stream for this long is closed.
+    #[serde(default = "default_idle")]
+    pub idle_timeout: HumanDuration,
+    /// Time allowed for a TCP connect to an ingress.
+    #[serde(default = "default_connect")]
+    pub connect_timeout: HumanDuration,
+    /// Time allowed for the TLS or QUIC handshake with an ingress.
+    #[serde(default = "default_handshake")]
+    pub handshake_timeout: HumanDuration,
+    /// Time allowed for the ingress to answer a stream's request.
+    #[serde(default = "default_handshake")]
+    pub response_timeout: HumanDuration,
+    /// Flow-control window per stream, in bytes.
+    #[serde(default = "default_stream_window")]
+    pub stream_window: u32,
+    /// Flow-control window per connection, in bytes.
+    #[serde(default = "default_conn_window")]
+    pub connection_window: u32,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            max_streams_per_connection: default_client_streams(),
+            idle_timeout: default_idle(),
+            connect_timeout: default_connect(),
+            handshake_timeout: default_handshake(),
+            response_timeout: default_handshake(),
+            stream_window: default_stream_window(),
+            connection_window: default_conn_window(),
+        }
+    }
+}
+
+impl EgressConfig {
+    /// An egress with these peers and nothing else configured.
+    pub fn with_peers(peers: Vec<PeerConfig>) -> Self {
+        Self {
+            peers,
+            listen_address: None,
+            vip_range: None,
+            dedicated: Vec::new(),
+            peek_timeout: default_handshake(),
+            peek_max_bytes: default_peek_bytes(),
+            max_connections: default_max_conns(),
+            pool: PoolConfig::default(),
+        }
+    }
+}
+
+/// h2 accepts windows of 65,535 ..= 2^31-1 bytes.
+fn check_window(field: &str, value: u32) -> Result<(), FieldError> {
+    if (65_535..=i32::MAX as u32).contains(&value) {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            field,
+            "a window of 65535 to 2147483647 bytes",
+        ))
+    }
+}
+
+fn check_positive(field: &str, value: u64) -> Result<(), FieldError> {
+    if value > 0 {
+        Ok(())
+    } else {
+        Err(FieldError::new(field, "a number above 0"))
+    }
+}
+
+impl Validate for GatewayConfig {
+    fn validate(&self) -> Result<(), FieldError> {
+        ClusterName::parse(&self.cluster)
+            .map_err(|_| FieldError::new("cluster", "1 to 63 characters of a-z, 0-9 and '-'"))?;
+        isthmus_certs::SpiffeId::for_component(&self.trust_domain, &self.cluster, "gateway")
+            .map_err(|_| {
+                FieldError::new("trust_domain", "a trust domain of a-z, 0-9, '.', '-', '_'")
+            })?;
+        if self.ingress.is_none() && self.egress.is_none() {
+            return Err(FieldError::new(
+                "ingress",
+                "an `ingress` or an `egress` section (or both): a gateway needs a role",
+            ));
+        }
+        if let Some(ingress) = &self.ingress {
+            check_window("ingress.stream_window", ingress.stream_window)?;
+            check_window("ingress.connection_window", ingress.connection_window)?;
+            check_positive(
+                "ingress.max_streams_per_connection",
+                ingress.max_streams_per_connection.into(),
+            )?;
+            check_positive("ingress.max_connections", ingress.max_connections as u64)?;
+        }
+        if let Some(egress) = &self.egress {
+            egress.validate().map_err(|e| e.within("egress"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Validate for EgressConfig {
+    fn validate(&self) -> Result<(), FieldError> {
+        for (i, peer) in self.peers.iter().enumerate() {
+            let at = format!("peers[{i}]");
+            ClusterName::parse(&peer.cluster).map_err(|_| {
+                FieldError::new(
+                    format!("{at}.cluster"),
+                    "1 to 63 characters of a-z, 0-9 and '-'",
+                )
+            })?;
+            if peer.endpoints.is_empty() {
+                return Err(FieldError::new(
+                    format!("{at}.endpoints"),
+                    "at least one ingress address",
+                ));
+            }
+            if self.peers[..i].iter().any(|p| p.cluster == peer.cluster) {
+                return Err(FieldError::new(
+                    format!("{at}.cluster"),
+                    "each peer cluster listed once",
+                ));
+            }
+        }
+        for (i, d) in self.dedicated.iter().enumerate() {
+            RouteKey::parse_authority(&d.route).map_err(|_| {
+                FieldError::new(
+                    format!("dedicated[{i}].route"),
+                    "a route as name:port, e.g. orders.apps.internal:8080",
+                )
+            })?;
+        }
+        if let Some(range) = &self.vip_range {
+            isthmus_route_sync::vip::VipRange::parse(range)
+                .map_err(|_| FieldError::new("vip_range", "a CIDR such as 100.64.0.0/16"))?;
+            if self.listen_address.is_none() {
+                return Err(FieldError::new(
+                    "listen_address",
+                    "an address to bind (e.g. 0.0.0.0) when vip_range is set",
+                ));
+            }
+        }
+        if self.peek_max_bytes < 512 {
+            return Err(FieldError::new("peek_max_bytes", "at least 512 bytes"));
+        }
+        check_positive("max_connections", self.max_connections as u64)?;
+        check_positive(
+            "pool.max_streams_per_connection",
+            self.pool.max_streams_per_connection.into(),
+        )?;
+        check_window("pool.stream_window", self.pool.stream_window)?;
+        check_window("pool.connection_window", self.pool.connection_window)?;
+        Ok(())
+    }
+}

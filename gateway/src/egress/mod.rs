@@ -1,0 +1,383 @@
+//! The egress role: carries local apps' connections to the route's home cluster.
+//!
+//! Three ways to know the route of an accepted connection:
+//! - a **dedicated** listener is bound to one route;
+//! - on a **shared** listener (one per port of any route homed elsewhere, bound on
+//!   `listen_address`), the local address the connection arrived on, when it lies in the VIP
+//!   range, names the route through the same deterministic [`VipMap`] the DNS shim uses;
+//! - otherwise the gateway peeks the HTTP/1.x `Host` header or the TLS SNI (bounded in time
+//!   and bytes) and replays the peeked bytes into the tunnel.
+//!
+//! Shared listeners follow the route table: a port appears when a remote route needs it and
+//! goes away when none does; connections already accepted are not touched.
+
+pub mod pool;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use bytes::{BufMut as _, Bytes, BytesMut};
+use isthmus_route_sync::vip::{VipMap, VipRange};
+use isthmus_route_sync::{RouteKey, RouteName};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::EgressConfig;
+use crate::metrics::{ConnLabels, Direction};
+use crate::peek::{self, Peeked};
+use crate::{Context, Refusal};
+use pool::{OpenedStream, Pool};
+
+/// How a listener knows the route of its connections.
+#[derive(Clone, Debug)]
+enum Mode {
+    Dedicated(RouteKey),
+    Shared,
+}
+
+/// A bound egress, ready to [`run`](Egress::run).
+pub struct Egress {
+    shared: Arc<Shared>,
+    dedicated: Vec<(TcpListener, RouteKey)>,
+}
+
+struct Shared {
+    ctx: Context,
+    cfg: EgressConfig,
+    pool: Pool,
+    limit: Arc<Semaphore>,
+    vip_range: Option<VipRange>,
+    vips: ArcSwapOption<VipMap>,
+}
+
+impl Egress {
+    /// Binds the dedicated listeners and builds the pool. Shared listeners are bound by
+    /// [`run`](Egress::run) from the route table.
+    ///
+    /// # Errors
+    /// When a dedicated listener cannot be bound, or the pool cannot be built.
+    pub async fn bind(ctx: Context, cfg: EgressConfig) -> io::Result<Self> {
+        let mut dedicated = Vec::new();
+        for d in &cfg.dedicated {
+            let key = RouteKey::parse_authority(&d.route)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            let listener = TcpListener::bind(d.listen).await.map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot bind {} for {key}: {e}", d.listen))
+            })?;
+            dedicated.push((listener, key));
+        }
+        let vip_range = cfg
+            .vip_range
+            .as_deref()
+            .map(VipRange::parse)
+            .transpose()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let pool = Pool::new(ctx.clone(), cfg.pool.clone(), &cfg.peers)?;
+        let limit = Arc::new(Semaphore::new(cfg.max_connections));
+        Ok(Self {
+            shared: Arc::new(Shared {
+                ctx,
+                cfg,
+                pool,
+                limit,
+                vip_range,
+                vips: ArcSwapOption::empty(),
+            }),
+            dedicated,
+        })
+    }
+
+    /// The dedicated listeners' addresses, with their routes.
+    pub fn dedicated_addrs(&self) -> Vec<(RouteKey, SocketAddr)> {
+        self.dedicated
+            .iter()
+            .filter_map(|(l, k)| Some((k.clone(), l.local_addr().ok()?)))
+            .collect()
+    }
+
+    /// A handle on the pool, for status and tests.
+    pub fn pool_connections(&self, cluster: &str) -> usize {
+        self.shared.pool.connection_count(cluster)
+    }
+
+    /// Serves until `shutdown`, then drains: listeners close, connections in flight run
+    /// until they end or `force` fires.
+    pub async fn run(self, shutdown: CancellationToken, force: CancellationToken) {
+        let tracker = TaskTracker::new();
+        let shared = self.shared;
+        for (listener, key) in self.dedicated {
+            tracker.spawn(accept_loop(
+                Arc::clone(&shared),
+                listener,
+                Mode::Dedicated(key),
+                shutdown.clone(),
+                force.clone(),
+                tracker.clone(),
+            ));
+        }
+        let reaper = {
+            let shared = Arc::clone(&shared);
+            let stop = force.clone();
+            tokio::spawn(async move { shared.pool.reap_idle(stop).await })
+        };
+        if let Some(address) = shared.cfg.listen_address {
+            follow_table(&shared, address, &shutdown, &force, &tracker).await;
+        } else {
+            shutdown.cancelled().await;
+        }
+        tracker.close();
+        tokio::select! {
+            () = tracker.wait() => {}
+            () = force.cancelled() => tracker.wait().await,
+        }
+        reaper.abort();
+        shared.pool.close_all();
+    }
+}
+
+/// Keeps one shared listener per port of remote routes, and the VIP map, in step with the
+/// route table until `shutdown`.
+async fn follow_table(
+    shared: &Arc<Shared>,
+    address: IpAddr,
+    shutdown: &CancellationToken,
+    force: &CancellationToken,
+    tracker: &TaskTracker,
+) {
+    let mut watch = shared.ctx.routes.subscribe();
+    let mut listeners: HashMap<u16, CancellationToken> = HashMap::new();
+    let mut table = watch.current();
+    loop {
+        let remote: Vec<_> = table
+            .iter()
+            .filter(|r| r.home_cluster != shared.ctx.cluster)
+            .collect();
+        if let Some(range) = &shared.vip_range {
+            match VipMap::allocate(range, remote.iter().map(|r| r.key.name.as_str())) {
+                Ok(map) => shared.vips.store(Some(Arc::new(map))),
+                Err(e) => tracing::error!("VIP allocation failed, keeping the previous map: {e}"),
+            }
+        }
+        let wanted: std::collections::BTreeSet<u16> = remote.iter().map(|r| r.key.port).collect();
+        listeners.retain(|port, stop| {
+            let keep = wanted.contains(port);
+            if !keep {
+                tracing::info!(
+                    port,
+                    "no remote route uses this port any more; closing its listener"
+                );
+                stop.cancel();
+            }
+            keep
+        });
+        for port in wanted {
+            if listeners.contains_key(&port) {
+                continue;
+            }
+            let addr = SocketAddr::new(address, port);
+            match TcpListener::bind(addr).await {
+                Ok(listener) => {
+                    let stop = shutdown.child_token();
+                    tracing::info!(%addr, "egress listening");
+                    tracker.spawn(accept_loop(
+                        Arc::clone(shared),
+                        listener,
+                        Mode::Shared,
+                        stop.clone(),
+                        force.clone(),
+                        tracker.clone(),
+                    ));
+                    listeners.insert(port, stop);
+                }
+                Err(e) => tracing::error!(%addr, "cannot bind egress listener: {e}"),
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            next = watch.changed() => table = next,
+        }
+    }
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    mode: Mode,
+    stop: CancellationToken,
+    force: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((socket, peer)) => {
+                    let Ok(permit) = Arc::clone(&shared.limit).try_acquire_owned() else {
+                        shared.ctx.metrics.refuse("unknown", Direction::Egress, "unknown", "overloaded");
+                        tracing::warn!(%peer, "egress at its connection limit; closing");
+                        reset(socket);
+                        continue;
+                    };
+                    let shared = Arc::clone(&shared);
+                    let mode = mode.clone();
+                    let force = force.clone();
+                    tracker.spawn(async move {
+                        handle(&shared, socket, peer, mode, force).await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "egress accept failed; continuing");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Closes with a reset, so the app sees a failure rather than an empty, clean reply.
+fn reset(socket: TcpStream) {
+    let _ = socket.set_zero_linger();
+    drop(socket);
+}
+
+async fn handle(
+    shared: &Shared,
+    mut socket: TcpStream,
+    peer: SocketAddr,
+    mode: Mode,
+    force: CancellationToken,
+) {
+    let _ = socket.set_nodelay(true);
+    let ctx = &shared.ctx;
+    let table = ctx.routes.snapshot();
+    let found = identify(shared, &mut socket, &mode).await;
+    let (route, peeked) = match found.and_then(|(key, peeked)| {
+        let route = table
+            .get(&key)
+            .ok_or_else(|| Refusal::NoRoute(format!("{key} is not a known route")))?;
+        if route.home_cluster == ctx.cluster {
+            return Err(Refusal::LocalRoute(key.to_string()));
+        }
+        Ok((Arc::clone(route), peeked))
+    }) {
+        Ok(found) => found,
+        Err(refusal) => {
+            let label = match &mode {
+                Mode::Dedicated(key) => key.to_string(),
+                Mode::Shared => "unknown".to_string(),
+            };
+            ctx.metrics
+                .refuse(&label, Direction::Egress, "unknown", refusal.reason());
+            tracing::warn!(%peer, reason = refusal.reason(), "egress refused: {refusal}");
+            reset(socket);
+            return;
+        }
+    };
+    let labels = ConnLabels {
+        route: route.key.to_string(),
+        direction: Direction::Egress,
+        peer_cluster: route.home_cluster.to_string(),
+    };
+    let mut opened = match shared.pool.open(&route, peer).await {
+        Ok(opened) => opened,
+        Err(refusal) => {
+            if refusal.is_failure() {
+                ctx.metrics.fail(
+                    &labels.route,
+                    Direction::Egress,
+                    &labels.peer_cluster,
+                    refusal.reason(),
+                );
+            } else {
+                ctx.metrics.refuse(
+                    &labels.route,
+                    Direction::Egress,
+                    &labels.peer_cluster,
+                    refusal.reason(),
+                );
+            }
+            tracing::warn!(%peer, route = %labels.route, reason = refusal.reason(), "egress could not open a tunnel: {refusal}");
+            reset(socket);
+            return;
+        }
+    };
+    if opened.write_leftover(&mut socket).await.is_err() {
+        return;
+    }
+    match std::mem::replace(&mut opened.stream, OpenedStream::Closed) {
+        OpenedStream::H2(send, recv) => {
+            crate::carry_counted(&ctx.metrics, labels, socket, peeked, send, recv, force).await;
+        }
+        OpenedStream::Quic(send, recv) => {
+            crate::carry_counted(&ctx.metrics, labels, socket, peeked, send, recv, force).await;
+        }
+        OpenedStream::Closed => {}
+    }
+    drop(opened);
+}
+
+/// Finds the route key of a connection, and the bytes peeked to find it.
+async fn identify(
+    shared: &Shared,
+    socket: &mut TcpStream,
+    mode: &Mode,
+) -> Result<(RouteKey, Bytes), Refusal> {
+    let local = socket
+        .local_addr()
+        .map_err(|e| Refusal::NoRoute(format!("no local address: {e}")))?;
+    match mode {
+        Mode::Dedicated(key) => return Ok((key.clone(), Bytes::new())),
+        Mode::Shared => {}
+    }
+    if let Some(range) = &shared.vip_range
+        && range.contains(local.ip())
+    {
+        let vips = shared.vips.load();
+        let name = vips
+            .as_ref()
+            .and_then(|m| m.name_of(local.ip()))
+            .ok_or_else(|| Refusal::NoRoute(format!("VIP {} names no route", local.ip())))?;
+        let name = RouteName::parse(name).map_err(|e| Refusal::NoRoute(e.to_string()))?;
+        return Ok((RouteKey::new(name, local.port()), Bytes::new()));
+    }
+    let max = shared.cfg.peek_max_bytes;
+    let peeked = timeout(shared.cfg.peek_timeout.get(), async {
+        let mut buf = BytesMut::with_capacity(1024);
+        loop {
+            match peek::classify(&buf, max) {
+                Peeked::Host(host) => return Ok((host, buf.freeze())),
+                Peeked::NotRecognised(why) => return Err(Refusal::NoRoute(why.to_string())),
+                Peeked::NeedMore => {}
+            }
+            if buf.len() >= max {
+                return Err(Refusal::NoRoute(format!(
+                    "no Host or SNI in the first {max} bytes"
+                )));
+            }
+            buf.reserve(1024.min(max - buf.len()));
+            let room = max - buf.len();
+            let mut limited = (&mut buf).limit(room);
+            match tokio::io::AsyncReadExt::read_buf(socket, &mut limited).await {
+                Ok(0) => {
+                    return Err(Refusal::NoRoute(
+                        "connection closed before a Host or SNI".into(),
+                    ));
+                }
+                Ok(_) => {}
+                Err(e) => return Err(Refusal::NoRoute(format!("read failed: {e}"))),
+            }
+        }
+    })
+    .await
+    .map_err(|_| Refusal::NoRoute("no Host or SNI before the peek timeout".into()))??;
+    let (host, bytes) = peeked;
+    let name = RouteName::parse(&host).map_err(|e| Refusal::NoRoute(e.to_string()))?;
+    Ok((RouteKey::new(name, local.port()), bytes))
+}

@@ -1,0 +1,243 @@
+//! The QUIC side of the ingress: one bidirectional stream per tunneled connection, carrying
+//! the request head of [`crate::frame`] and then raw bytes.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use isthmus_certs::SpiffeId;
+use quinn::crypto::rustls::QuicServerConfig;
+use tokio::io::AsyncWriteExt;
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{Shared, admit, carry};
+use crate::Refusal;
+use crate::config::IngressConfig;
+use crate::frame::{self, Parsed, ResponseHead};
+use crate::metrics::PoolLabels;
+use crate::tunnel::quic::{QuicRecv, QuicSend};
+use crate::tunnel::status;
+
+/// A QUIC server endpoint on `addr` with the ingress' limits.
+pub(super) fn endpoint(
+    tls: Arc<rustls::ServerConfig>,
+    addr: SocketAddr,
+    cfg: &IngressConfig,
+) -> io::Result<quinn::Endpoint> {
+    let crypto = QuicServerConfig::try_from(tls)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let transport = crate::quic_transport(
+        cfg.max_streams_per_connection,
+        cfg.stream_window,
+        cfg.connection_window,
+        cfg.idle_timeout.get(),
+    );
+    server.transport_config(Arc::new(transport));
+    quinn::Endpoint::server(server, addr)
+}
+
+pub(super) async fn serve(
+    shared: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    shutdown: CancellationToken,
+    force: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => {
+                    tracker.spawn(connection(
+                        Arc::clone(&shared),
+                        incoming,
+                        shutdown.clone(),
+                        force.clone(),
+                        tracker.clone(),
+                    ));
+                }
+                None => break,
+            }
+        }
+    }
+    // No new connections; connections in flight drain in `connection`.
+    endpoint.set_server_config(None);
+}
+
+async fn connection(
+    shared: Arc<Shared>,
+    incoming: quinn::Incoming,
+    shutdown: CancellationToken,
+    force: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let metrics = &shared.ctx.metrics;
+    let peer = incoming.remote_address();
+    let conn = match timeout(shared.cfg.handshake_timeout.get(), incoming).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            let reason = crate::quic_handshake_reason(&e);
+            metrics.handshake_failed("ingress", reason);
+            tracing::warn!(%peer, reason, error = %e, "QUIC tunnel handshake refused");
+            return;
+        }
+        Err(_) => {
+            metrics.handshake_failed("ingress", "timeout");
+            tracing::warn!(%peer, "QUIC tunnel handshake timed out");
+            return;
+        }
+    };
+    let Some(caller) = crate::quic_peer_id(&conn) else {
+        metrics.handshake_failed("ingress", "no_spiffe_id");
+        conn.close(quinn::VarInt::from_u32(1), b"no SPIFFE ID");
+        return;
+    };
+    let gauge = metrics
+        .ingress_connections
+        .get_or_create(&PoolLabels {
+            peer_cluster: caller.cluster().unwrap_or("unknown").to_string(),
+            transport: "quic",
+        })
+        .clone();
+    gauge.inc();
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            stream = conn.accept_bi() => match stream {
+                Ok((send, recv)) => {
+                    tracker.spawn(stream_task(
+                        Arc::clone(&shared),
+                        caller.clone(),
+                        send,
+                        recv,
+                        force.clone(),
+                    ));
+                }
+                Err(_) => break,
+            },
+            () = shutdown.cancelled(), if !draining => {
+                // QUIC has no GOAWAY: withdraw stream credit so the peer opens no new stream
+                // here, and let the ones in flight finish.
+                draining = true;
+                conn.set_max_concurrent_bi_streams(0u32.into());
+            }
+            () = force.cancelled() => {
+                conn.close(quinn::VarInt::from_u32(0), b"draining");
+                break;
+            }
+        }
+    }
+    gauge.dec();
+}
+
+async fn stream_task(
+    shared: Arc<Shared>,
+    caller: SpiffeId,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    force: CancellationToken,
+) {
+    let head = timeout(shared.cfg.request_timeout.get(), read_head(&mut recv)).await;
+    let (request, leftover) = match head {
+        Ok(Ok(parsed)) => parsed,
+        Ok(Err(refusal)) => {
+            shared.ctx.metrics.refuse(
+                "unknown",
+                crate::metrics::Direction::Ingress,
+                caller.cluster().unwrap_or("unknown"),
+                refusal.reason(),
+            );
+            tracing::warn!(%caller, "ingress refused QUIC stream: {refusal}");
+            respond(&mut send, &refusal).await;
+            return;
+        }
+        Err(_) => {
+            let refusal = Refusal::BadRequest("request head timed out".into());
+            shared.ctx.metrics.refuse(
+                "unknown",
+                crate::metrics::Direction::Ingress,
+                caller.cluster().unwrap_or("unknown"),
+                "request_timeout",
+            );
+            respond(&mut send, &refusal).await;
+            return;
+        }
+    };
+    let mut admitted = match admit(
+        &shared,
+        &caller,
+        &request.authority,
+        request.header("forwarded"),
+    )
+    .await
+    {
+        Ok(admitted) => admitted,
+        Err(refusal) => {
+            respond(&mut send, &refusal).await;
+            return;
+        }
+    };
+    let ok = ResponseHead {
+        status: status::OK,
+        reason: "OK".into(),
+        headers: Vec::new(),
+    };
+    let Ok(bytes) = ok.encode() else { return };
+    if send.write_all(&bytes).await.is_err() {
+        return;
+    }
+    if !leftover.is_empty() && admitted.backend.write_all(&leftover).await.is_err() {
+        send.reset(crate::tunnel::quic::CANCELLED).ok();
+        return;
+    }
+    carry(
+        &shared,
+        admitted,
+        Bytes::new(),
+        QuicSend(send),
+        QuicRecv(recv),
+        force,
+    )
+    .await;
+}
+
+/// Reads one request head; bytes after it are the start of the payload.
+async fn read_head(recv: &mut quinn::RecvStream) -> Result<(frame::RequestHead, Bytes), Refusal> {
+    let mut buf = BytesMut::new();
+    loop {
+        match frame::parse_request(&buf) {
+            Ok(Parsed::Complete { head, consumed }) => {
+                let rest = buf.split_off(consumed).freeze();
+                return Ok((head, rest));
+            }
+            Ok(Parsed::NeedMore) => {}
+            Err(e) => return Err(Refusal::BadRequest(e.to_string())),
+        }
+        let limit = frame::MAX_HEAD + 1 - buf.len().min(frame::MAX_HEAD);
+        match recv.read_chunk(limit, true).await {
+            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+            Ok(None) => {
+                return Err(Refusal::BadRequest(
+                    "stream ended inside the request head".into(),
+                ));
+            }
+            Err(e) => return Err(Refusal::BadRequest(format!("stream failed: {e}"))),
+        }
+    }
+}
+
+async fn respond(send: &mut quinn::SendStream, refusal: &Refusal) {
+    let head = ResponseHead {
+        status: refusal.status(),
+        reason: refusal.reason().into(),
+        headers: Vec::new(),
+    };
+    if let Ok(bytes) = head.encode() {
+        let _ = send.write_all(&bytes).await;
+    }
+    let _ = send.finish();
+}

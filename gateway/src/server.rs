@@ -1,0 +1,147 @@
+//! Assembles a whole gateway from its configuration: identity, routes, roles, admin, drain.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use isthmus_certs::{MeshTls, TlsFiles};
+use isthmus_route_sync::source::file::FileSource;
+use isthmus_route_sync::{ClusterName, RouteStore};
+use isthmus_runtime::admin::{AdminServer, Health};
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+use crate::Context;
+use crate::config::GatewayConfig;
+use crate::egress::Egress;
+use crate::ingress::Ingress;
+use crate::metrics::Metrics;
+
+/// A gateway with every socket bound, ready to [`run`](Gateway::run).
+pub struct Gateway {
+    /// The shared context (routes, identity, metrics).
+    pub ctx: Context,
+    /// The ingress role, when configured.
+    pub ingress: Option<Ingress>,
+    /// The egress role, when configured.
+    pub egress: Option<Egress>,
+    /// The admin server.
+    pub admin: AdminServer,
+    /// Health reported on the admin server.
+    pub health: Health,
+    source: FileSource,
+    poll: Duration,
+    tls_files: TlsFiles,
+    tls_poll: Duration,
+    drain: Duration,
+}
+
+impl Gateway {
+    /// Loads the identity and the routes and binds every socket.
+    ///
+    /// # Errors
+    /// When the certificate files cannot be loaded or a socket cannot be bound. A route file
+    /// that cannot be read is not fatal: the gateway starts not ready and picks it up once
+    /// it is there.
+    pub async fn build(cfg: &GatewayConfig) -> anyhow::Result<Self> {
+        let tls_files = TlsFiles {
+            cert: cfg.tls.cert.clone(),
+            key: cfg.tls.key.clone(),
+            bundle: cfg.tls.bundle.clone(),
+        };
+        let tls = MeshTls::load(&tls_files).context("loading the gateway's certificates")?;
+        tracing::info!(id = %tls.local_id(), serial = %tls.serial(), "identity loaded");
+        let routes = RouteStore::new();
+        let source = FileSource::new(&cfg.routes.file);
+        let health = Health::new();
+        match source.apply(&routes) {
+            Ok((applied, rejected)) => tracing::info!(
+                routes = routes.snapshot().len(),
+                revision = applied.revision,
+                rejected = rejected.len(),
+                "routes loaded"
+            ),
+            Err(e) => tracing::error!("{e}"),
+        }
+        let metrics = Metrics::default();
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let ctx = Context {
+            cluster: ClusterName::parse(&cfg.cluster).context("cluster")?,
+            trust_domain: cfg.trust_domain.clone(),
+            routes,
+            tls,
+            metrics,
+        };
+        let admin = AdminServer::bind(cfg.admin.listen, Arc::new(registry), health.clone())
+            .await
+            .with_context(|| format!("binding the admin server on {}", cfg.admin.listen))?;
+        let ingress = match &cfg.ingress {
+            Some(c) => Some(
+                Ingress::bind(ctx.clone(), c.clone())
+                    .await
+                    .with_context(|| format!("binding the ingress on {}", c.listen))?,
+            ),
+            None => None,
+        };
+        let egress = match &cfg.egress {
+            Some(c) => Some(
+                Egress::bind(ctx.clone(), c.clone())
+                    .await
+                    .context("binding the egress")?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            ctx,
+            ingress,
+            egress,
+            admin,
+            health,
+            source,
+            poll: cfg.routes.poll_interval.get(),
+            tls_files,
+            tls_poll: cfg.tls.reload_interval.get(),
+            drain: cfg.drain_timeout.get(),
+        })
+    }
+
+    /// Serves until `shutdown`, then drains for at most the configured drain timeout and
+    /// force-closes what is left.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let force = CancellationToken::new();
+        let background = CancellationToken::new();
+        let _reload = self
+            .ctx
+            .tls
+            .watch(self.tls_files, self.tls_poll, background.clone());
+        let _routes = self
+            .source
+            .watch(self.ctx.routes.clone(), self.poll, background.clone());
+        let admin = tokio::spawn(self.admin.serve(background.clone()));
+        let mut roles = tokio::task::JoinSet::new();
+        if let Some(ingress) = self.ingress {
+            tracing::info!(addr = ?ingress.local_addr().ok(), quic = ?ingress.quic_addr(), "ingress serving");
+            roles.spawn(ingress.run(shutdown.clone(), force.clone()));
+        }
+        if let Some(egress) = self.egress {
+            roles.spawn(egress.run(shutdown.clone(), force.clone()));
+        }
+        self.health.set_ready();
+        shutdown.cancelled().await;
+        self.health.set_not_ready("draining");
+        tracing::info!(deadline = ?self.drain, "draining");
+        let drained = tokio::time::timeout(self.drain, async {
+            while roles.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("drain deadline passed; closing the connections left");
+            force.cancel();
+            while roles.join_next().await.is_some() {}
+        }
+        background.cancel();
+        let _ = admin.await;
+        tracing::info!("stopped");
+    }
+}

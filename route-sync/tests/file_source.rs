@@ -1,0 +1,200 @@
+//! The YAML route file source feeding the watchable table.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use isthmus_certs::SpiffeId;
+use isthmus_route_sync::source::file::{FileSource, parse};
+use isthmus_route_sync::{RouteKey, RouteStore, RouteTable, SourceError};
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+
+const GOOD: &str = r#"
+routes:
+  - name: orders.apps.internal
+    port: 8080
+    protocol: http
+    home_cluster: k8s
+    exported: true
+    allowed_peers: [cluster:diego]
+    backends: ["127.0.0.1:18080"]
+  - name: billing.apps.internal
+    port: 9090
+    home_cluster: diego
+"#;
+
+fn key(s: &str) -> RouteKey {
+    RouteKey::parse_authority(s).unwrap()
+}
+
+async fn wait_for(
+    watch: &mut isthmus_route_sync::RouteWatch,
+    what: impl Fn(&RouteTable) -> bool,
+) -> std::sync::Arc<RouteTable> {
+    timeout(Duration::from_secs(1), async {
+        loop {
+            let table = watch.current();
+            if what(&table) {
+                return table;
+            }
+            watch.changed().await;
+        }
+    })
+    .await
+    .expect("the watcher saw the change within 1 s")
+}
+
+#[test]
+fn parses_routes_with_defaults() {
+    let loaded = parse(GOOD, Path::new("routes.yaml")).unwrap();
+    assert!(loaded.rejected.is_empty(), "{:?}", loaded.rejected);
+    assert_eq!(loaded.routes.len(), 2);
+    let billing = &loaded.routes[1];
+    assert!(!billing.exported, "deny by default");
+    assert!(billing.allowed_peers.is_empty());
+    let orders = &loaded.routes[0];
+    let diego = SpiffeId::parse("spiffe://mesh.local/cluster/diego/gateway").unwrap();
+    assert!(orders.allows(&diego, "mesh.local"));
+    assert!(!billing.allows(&diego, "mesh.local"));
+}
+
+#[test]
+fn bad_entries_are_rejected_with_reasons_and_the_rest_apply() {
+    let text = r#"
+routes:
+  - {name: good.apps.internal, port: 8080, home_cluster: k8s}
+  - {name: "10.0.0.1", port: 8080, home_cluster: k8s}
+  - {name: port.apps.internal, port: 70000, home_cluster: k8s}
+  - {name: typo.apps.internal, port: 80, home_cluster: k8s, exportd: true}
+  - {name: peer.apps.internal, port: 80, home_cluster: k8s, allowed_peers: [everyone]}
+  - {name: good.apps.internal, port: 8080, home_cluster: diego}
+  - {name: proto.apps.internal, port: 80, home_cluster: k8s, protocol: udp}
+  - "just a string"
+"#;
+    let loaded = parse(text, Path::new("r.yaml")).unwrap();
+    assert_eq!(loaded.routes.len(), 1);
+    assert_eq!(loaded.routes[0].key, key("good.apps.internal:8080"));
+    let reasons: Vec<String> = loaded.rejected.iter().map(|r| r.to_string()).collect();
+    assert_eq!(reasons.len(), 7, "{reasons:#?}");
+    assert!(reasons[0].contains("routes[1]") && reasons[0].contains("not an IP address"));
+    assert!(reasons[1].contains("port 70000") && reasons[1].contains("1 to 65535"));
+    assert!(reasons[2].contains("exportd"), "{}", reasons[2]);
+    assert!(reasons[3].contains("everyone"));
+    assert!(reasons[4].contains("duplicate"));
+    assert!(reasons[5].contains("udp"));
+    assert!(reasons[6].contains("routes[7]"));
+}
+
+#[test]
+fn malformed_files_are_errors_not_empty_tables() {
+    for text in ["", "routes: [", "- a\n- b", "routez: []", "routes: 5"] {
+        let err = parse(text, Path::new("r.yaml")).unwrap_err();
+        assert!(matches!(err, SourceError::Malformed { .. }), "{text:?}");
+        assert!(err.to_string().contains("r.yaml"));
+    }
+    assert!(
+        parse("routes: []", Path::new("r.yaml"))
+            .unwrap()
+            .routes
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn file_edits_reach_a_watcher_and_broken_files_keep_the_last_good_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("routes.yaml");
+    std::fs::write(&path, GOOD).unwrap();
+    let store = RouteStore::new();
+    let mut watch = store.subscribe();
+    let cancel = CancellationToken::new();
+    let source = FileSource::new(&path);
+    let stats = source.stats();
+    let task = source.watch(store.clone(), Duration::from_millis(20), cancel.clone());
+
+    let first = wait_for(&mut watch, |t| t.len() == 2).await;
+    let orders = first
+        .get(&key("orders.apps.internal:8080"))
+        .unwrap()
+        .clone();
+
+    // An edit: orders stops being exported, a route appears. Billing is untouched and keeps
+    // its revision and its Arc.
+    let edited = GOOD.replace("exported: true", "exported: false")
+        + "  - {name: new.apps.internal, port: 80, home_cluster: k8s}\n";
+    std::fs::write(&path, edited).unwrap();
+    let second = wait_for(&mut watch, |t| t.len() == 3).await;
+    assert!(
+        !second
+            .get(&key("orders.apps.internal:8080"))
+            .unwrap()
+            .exported
+    );
+    assert!(second.revision() > first.revision());
+    let billing = key("billing.apps.internal:9090");
+    assert!(std::sync::Arc::ptr_eq(
+        first.get(&billing).unwrap(),
+        second.get(&billing).unwrap()
+    ));
+    assert!(
+        orders.exported,
+        "an old snapshot never changes under its reader"
+    );
+
+    // A half-written file keeps the last good table.
+    let failed_before = stats.loads_failed.load(Ordering::Relaxed);
+    std::fs::write(&path, "routes:\n  - {name: orders.apps.internal, port: 80").unwrap();
+    timeout(Duration::from_secs(1), async {
+        while stats.loads_failed.load(Ordering::Relaxed) == failed_before {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the watcher tried the broken file");
+    assert!(std::sync::Arc::ptr_eq(&second, &store.snapshot()));
+
+    // The next good write is picked up.
+    std::fs::write(
+        &path,
+        "routes:\n  - {name: after.apps.internal, port: 80, home_cluster: k8s}\n",
+    )
+    .unwrap();
+    let third = wait_for(&mut watch, |t| {
+        t.get(&key("after.apps.internal:80")).is_some()
+    })
+    .await;
+    assert_eq!(third.len(), 1);
+
+    cancel.cancel();
+    timeout(Duration::from_secs(1), task)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_broken_file_never_replaces_the_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("routes.yaml");
+    std::fs::write(&path, GOOD).unwrap();
+    let store = RouteStore::new();
+    let source = FileSource::new(&path);
+    source.apply(&store).unwrap();
+    let before = store.snapshot();
+    for broken in ["", "routes: [", "routes: {a: 1}", "\u{0}\u{1}"] {
+        std::fs::write(&path, broken).unwrap();
+        assert!(source.apply(&store).is_err(), "{broken:?} was accepted");
+        let after = store.snapshot();
+        assert!(
+            std::sync::Arc::ptr_eq(&before, &after),
+            "{broken:?} changed the table"
+        );
+    }
+    std::fs::remove_file(&path).unwrap();
+    assert!(matches!(
+        source.apply(&store),
+        Err(SourceError::Read { .. })
+    ));
+    assert_eq!(store.snapshot().len(), 2);
+}
