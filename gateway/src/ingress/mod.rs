@@ -279,23 +279,28 @@ async fn h2_stream(
     force: CancellationToken,
 ) {
     let authority = request.uri().authority().map(|a| a.as_str().to_string());
-    let admitted = if request.method() != http::Method::CONNECT {
-        Err(Refusal::BadRequest(format!(
-            "method {}, expected CONNECT",
-            request.method()
-        )))
+    let malformed = if request.method() != http::Method::CONNECT {
+        Some(format!("method {}, expected CONNECT", request.method()))
     } else if request.extensions().get::<h2::ext::Protocol>().is_some() {
-        Err(Refusal::BadRequest(
-            "extended CONNECT is not supported".into(),
-        ))
-    } else if let Some(authority) = &authority {
-        let forwarded = request
-            .headers()
-            .get("forwarded")
-            .and_then(|v| v.to_str().ok());
-        admit(&shared, &caller, authority, forwarded).await
+        Some("extended CONNECT is not supported".to_string())
+    } else if authority.is_none() {
+        Some("missing :authority".to_string())
     } else {
-        Err(Refusal::BadRequest("missing :authority".into()))
+        None
+    };
+    let admitted = match (malformed, &authority) {
+        (None, Some(authority)) => {
+            let forwarded = request
+                .headers()
+                .get("forwarded")
+                .and_then(|v| v.to_str().ok());
+            admit(&shared, &caller, authority, forwarded).await
+        }
+        (why, _) => {
+            let refusal = Refusal::BadRequest(why.unwrap_or_default());
+            refuse_malformed(&shared, &caller, &refusal);
+            Err(refusal)
+        }
     };
     let admitted = match admitted {
         Ok(admitted) => admitted,
@@ -330,6 +335,17 @@ async fn h2_stream(
         force,
     )
     .await;
+}
+
+/// Counts and logs a request refused before it named a route (bad method, bad head).
+pub(crate) fn refuse_malformed(shared: &Shared, caller: &SpiffeId, refusal: &Refusal) {
+    shared.ctx.metrics.refuse(
+        "unknown",
+        Direction::Ingress,
+        caller.cluster().unwrap_or("unknown"),
+        refusal.reason(),
+    );
+    tracing::warn!(%caller, reason = refusal.reason(), "ingress refused: {refusal}");
 }
 
 /// Authorizes, takes a share of the connection limit, and connects a backend. Refusals are

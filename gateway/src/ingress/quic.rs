@@ -145,24 +145,13 @@ async fn stream_task(
     let (request, leftover) = match head {
         Ok(Ok(parsed)) => parsed,
         Ok(Err(refusal)) => {
-            shared.ctx.metrics.refuse(
-                "unknown",
-                crate::metrics::Direction::Ingress,
-                caller.cluster().unwrap_or("unknown"),
-                refusal.reason(),
-            );
-            tracing::warn!(%caller, "ingress refused QUIC stream: {refusal}");
+            super::refuse_malformed(&shared, &caller, &refusal);
             respond(&mut send, &refusal).await;
             return;
         }
         Err(_) => {
             let refusal = Refusal::BadRequest("request head timed out".into());
-            shared.ctx.metrics.refuse(
-                "unknown",
-                crate::metrics::Direction::Ingress,
-                caller.cluster().unwrap_or("unknown"),
-                "request_timeout",
-            );
+            super::refuse_malformed(&shared, &caller, &refusal);
             respond(&mut send, &refusal).await;
             return;
         }

@@ -289,3 +289,84 @@ pub fn transport_name(t: Transport) -> &'static str {
         Transport::Quic => "quic",
     }
 }
+
+/// A raw QUIC tunnel client on one connection, for refusal tests.
+pub struct RawQuic {
+    pub endpoint: quinn::Endpoint,
+    pub conn: quinn::Connection,
+}
+
+impl RawQuic {
+    pub async fn connect(
+        addr: SocketAddr,
+        tls: &MeshTls,
+        server_cluster: &str,
+    ) -> Result<Self, String> {
+        let policy = PeerPolicy::new(vec![isthmus_certs::PeerRule::TrustDomain {
+            trust_domain: TD.into(),
+            path_prefix: format!("/cluster/{server_cluster}"),
+        }]);
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(
+            tls.client_config(policy, &[b"isthmus/1"]),
+        )
+        .map_err(|e| e.to_string())?;
+        let endpoint =
+            quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).map_err(|e| e.to_string())?;
+        let conn = endpoint
+            .connect_with(quinn::ClientConfig::new(Arc::new(crypto)), addr, "ingress")
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Self { endpoint, conn })
+    }
+
+    /// Opens a stream, writes `head` raw, and returns the response status and the halves.
+    pub async fn raw_request(&self, head: &[u8]) -> (u16, quinn::SendStream, quinn::RecvStream) {
+        let (mut send, mut recv) = self.conn.open_bi().await.unwrap();
+        send.write_all(head).await.unwrap();
+        let mut buf = Vec::new();
+        loop {
+            match isthmus_gateway::frame::parse_response(&buf).unwrap() {
+                isthmus_gateway::frame::Parsed::Complete { head, .. } => {
+                    return (head.status, send, recv);
+                }
+                isthmus_gateway::frame::Parsed::NeedMore => {}
+            }
+            let chunk = recv
+                .read_chunk(1024, true)
+                .await
+                .unwrap()
+                .expect("response head");
+            buf.extend_from_slice(&chunk.bytes);
+        }
+    }
+
+    pub async fn connect_route(
+        &self,
+        authority: &str,
+    ) -> (u16, quinn::SendStream, quinn::RecvStream) {
+        self.raw_request(format!("CONNECT {authority} ISTHMUS/1\r\n\r\n").as_bytes())
+            .await
+    }
+}
+
+/// Sends `data` on a QUIC stream and reads the same number of bytes back.
+pub async fn quic_echo(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    data: &[u8],
+) -> Vec<u8> {
+    send.write_all(data).await.unwrap();
+    let mut got = vec![0u8; data.len()];
+    recv.read_exact(&mut got).await.unwrap();
+    got
+}
+
+/// A free TCP port on every address (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("0.0.0.0:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
