@@ -319,3 +319,49 @@ async fn drain_deadline_force_closes_what_is_left() {
     let r = within(s.read_to_end(&mut rest)).await;
     assert!(r.is_err() || rest.is_empty());
 }
+
+async fn idle_pooled_connections_close(transport: Transport) {
+    let (echo, _) = echo_backend("").await;
+    let mesh = Mesh::new();
+    let store = world_routes(echo, dead_port().await);
+    let (ingress_addr, ingress) = start_ingress(mesh.context("k8s", &store), ingress_cfg()).await;
+    let mut cfg = egress_cfg("orders.apps.internal:8080", vec![ingress_addr], transport);
+    cfg.pool.idle_timeout = isthmus_runtime::config::HumanDuration::from_millis(200);
+    let ctx = mesh.context("diego", &store);
+    let (addr, egress) = start_egress(ctx.clone(), cfg).await;
+    let pooled = || {
+        ctx.metrics
+            .pool_connections
+            .get_or_create(&isthmus_gateway::metrics::PoolLabels {
+                peer_cluster: "k8s".into(),
+                transport: transport_name(transport),
+            })
+            .get()
+    };
+    // A long-lived app connection keeps its tunnel connection past the idle timeout...
+    let mut s = within(TcpStream::connect(addr)).await.unwrap();
+    s.write_all(b"a").await.unwrap();
+    let mut b = [0u8; 1];
+    within(s.read_exact(&mut b)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(pooled(), 1);
+    s.write_all(b"b").await.unwrap();
+    within(s.read_exact(&mut b)).await.unwrap();
+    // ...and once no stream is left, the idle connection is closed.
+    drop(s);
+    eventually(|| pooled() == 0).await;
+    // The next app connection dials a fresh one.
+    assert_eq!(within(round_trip(addr, b"again")).await.unwrap(), b"again");
+    egress.stop().await;
+    ingress.stop().await;
+}
+
+#[tokio::test]
+async fn idle_pooled_connections_close_tcp() {
+    idle_pooled_connections_close(Transport::Tcp).await;
+}
+
+#[tokio::test]
+async fn idle_pooled_connections_close_quic() {
+    idle_pooled_connections_close(Transport::Quic).await;
+}
