@@ -225,6 +225,21 @@ impl TrustBundle {
         Self::from_roots(pem::parse_certs(pem, origin)?, origin)
     }
 
+    /// Each root as `"<subject> sha256:<hex of the DER>"`, in file order.
+    pub fn anchors(&self) -> Vec<String> {
+        self.roots
+            .iter()
+            .map(|der| {
+                let digest = ring::digest::digest(&ring::digest::SHA256, der.as_ref());
+                let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+                let subject = x509_parser::parse_x509_certificate(der.as_ref())
+                    .map(|(_, c)| c.subject().to_string())
+                    .unwrap_or_else(|_| "<unparsable>".into());
+                format!("{subject} sha256:{hex}")
+            })
+            .collect()
+    }
+
     /// The root certificates, in file order, without duplicates.
     pub fn roots(&self) -> &[CertificateDer<'static>] {
         &self.roots

@@ -182,6 +182,12 @@ impl MeshTls {
         self.shared.material.load().bundle.clone()
     }
 
+    /// The roots of the current bundle as `"<subject> sha256:<hex>"`, for status output that
+    /// compares the anchors each side actually uses.
+    pub fn trust_anchors(&self) -> Vec<String> {
+        self.bundle().anchors()
+    }
+
     /// Generation, failure count and last reload error, for health and metrics.
     pub fn reload_status(&self) -> ReloadStatus {
         self.lock_status().clone()

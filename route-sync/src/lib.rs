@@ -10,8 +10,14 @@
 //! This crate owns the shape of a route. It must never let local backends leave their
 //! cluster, and never make a route reachable that its home cluster did not export.
 
+pub mod client;
 pub mod error;
+pub mod grpc;
+pub mod merge;
 pub mod model;
+pub mod node;
+pub mod persist;
+pub mod proto;
 pub mod source;
 pub mod table;
 pub mod vip;

@@ -6,7 +6,7 @@
 //! swap it in whole, and wake every [`RouteWatch`]. Unchanged routes keep their `Arc`, so a
 //! consumer can diff two snapshots cheaply.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -15,30 +15,39 @@ use tokio::sync::watch;
 use crate::model::{Route, RouteKey, RouteName};
 
 /// An immutable, consistent set of routes at one revision.
-#[derive(Debug, Default)]
+///
+/// The maps are persistent (`imbl`): the next table shares every untouched node with this
+/// one, so one route changing in a table of 250,000 costs O(log n), not a copy.
+#[derive(Debug, Default, Clone)]
 pub struct RouteTable {
     revision: u64,
-    routes: HashMap<RouteKey, Arc<Route>>,
-    by_name: HashMap<RouteName, Vec<Arc<Route>>>,
+    routes: imbl::HashMap<RouteKey, Arc<Route>>,
+    by_name: imbl::HashMap<RouteName, Vec<Arc<Route>>>,
 }
 
 impl RouteTable {
-    fn build(revision: u64, routes: HashMap<RouteKey, Arc<Route>>) -> Self {
-        let mut by_name: HashMap<RouteName, Vec<Arc<Route>>> = HashMap::new();
-        for route in routes.values() {
-            by_name
-                .entry(route.key.name.clone())
-                .or_default()
-                .push(Arc::clone(route));
+    fn upsert(&mut self, route: Arc<Route>) {
+        let key = route.key.clone();
+        let list = self.by_name.entry(key.name.clone()).or_default();
+        match list.iter().position(|r| r.key.port >= key.port) {
+            Some(i) if list[i].key.port == key.port => list[i] = Arc::clone(&route),
+            Some(i) => list.insert(i, Arc::clone(&route)),
+            None => list.push(Arc::clone(&route)),
         }
-        for list in by_name.values_mut() {
-            list.sort_by_key(|r| r.key.port);
+        self.routes.insert(key, route);
+    }
+
+    fn remove(&mut self, key: &RouteKey) -> bool {
+        if self.routes.remove(key).is_none() {
+            return false;
         }
-        Self {
-            revision,
-            routes,
-            by_name,
+        if let Some(list) = self.by_name.get_mut(&key.name) {
+            list.retain(|r| r.key.port != key.port);
+            if list.is_empty() {
+                self.by_name.remove(&key.name);
+            }
         }
+        true
     }
 
     /// The revision of this table; it grows by one with every applied change.
@@ -54,6 +63,15 @@ impl RouteTable {
     /// Every route with this name (any port), sorted by port. `name` must be normalised
     /// (lower case, no trailing dot), as [`RouteName`] is.
     pub fn by_name(&self, name: &str) -> &[Arc<Route>] {
+        // imbl looks keys up by the key type; a name that does not parse has no routes.
+        match RouteName::parse(name) {
+            Ok(name) => self.by_name.get(&name).map(Vec::as_slice).unwrap_or(&[]),
+            Err(_) => &[],
+        }
+    }
+
+    /// Every route with this name, by an already-parsed name.
+    pub fn by_route_name(&self, name: &RouteName) -> &[Arc<Route>] {
         self.by_name.get(name).map(Vec::as_slice).unwrap_or(&[])
     }
 
@@ -126,11 +144,36 @@ impl Applied {
     }
 }
 
+/// How many changed keys the store remembers for resuming watchers. A watcher further
+/// behind than this gets a full snapshot.
+pub const DEFAULT_LOG_CAPACITY: usize = 1 << 20;
+
 struct Inner {
     current: ArcSwap<RouteTable>,
     notify: watch::Sender<u64>,
-    /// Serialises writers so two updates never race on the same base table.
-    write: Mutex<()>,
+    /// Serialises writers; holds the change log: `(revision, key)` for every key that changed
+    /// at that revision, oldest first, so a watcher can resume with just what changed.
+    write: Mutex<ChangeLog>,
+}
+
+struct ChangeLog {
+    entries: VecDeque<(u64, RouteKey)>,
+    capacity: usize,
+    /// Revisions at or below this one may have been trimmed away.
+    trimmed_through: u64,
+}
+
+impl ChangeLog {
+    fn record(&mut self, revision: u64, keys: impl IntoIterator<Item = RouteKey>) {
+        for key in keys {
+            self.entries.push_back((revision, key));
+        }
+        while self.entries.len() > self.capacity {
+            if let Some((rev, _)) = self.entries.pop_front() {
+                self.trimmed_through = rev;
+            }
+        }
+    }
 }
 
 /// The shared, watchable route table. Cheap to clone; all clones see the same table.
@@ -163,7 +206,11 @@ impl RouteStore {
             inner: Arc::new(Inner {
                 current: ArcSwap::from_pointee(RouteTable::default()),
                 notify,
-                write: Mutex::new(()),
+                write: Mutex::new(ChangeLog {
+                    entries: VecDeque::new(),
+                    capacity: DEFAULT_LOG_CAPACITY,
+                    trimmed_through: 0,
+                }),
             }),
         }
     }
@@ -186,43 +233,94 @@ impl RouteStore {
     /// their revision and their `Arc`; new and changed ones take the new revision. Nothing is
     /// published, and no watcher woken, when nothing changed.
     pub fn replace_all(&self, routes: impl IntoIterator<Item = Route>) -> Applied {
-        let _guard = self.inner.write.lock().unwrap_or_else(|e| e.into_inner());
+        let mut input: HashMap<RouteKey, Route> = HashMap::new();
+        for route in routes {
+            input.insert(route.key.clone(), route);
+        }
+        let old = self.snapshot();
+        let removals: Vec<RouteKey> = old
+            .routes
+            .keys()
+            .filter(|k| !input.contains_key(*k))
+            .cloned()
+            .collect();
+        self.apply(input.into_values(), removals)
+    }
+
+    /// Applies a delta: `upserts` replace or add routes by key, `removals` drop keys. Routes
+    /// whose content did not change keep their revision; a delta that changes nothing
+    /// publishes nothing. O(changes x log n).
+    pub fn apply(
+        &self,
+        upserts: impl IntoIterator<Item = Route>,
+        removals: impl IntoIterator<Item = RouteKey>,
+    ) -> Applied {
+        let mut log = self.inner.write.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.snapshot();
         let next_rev = old.revision + 1;
         let mut summary = Applied {
             revision: old.revision,
             ..Applied::default()
         };
-        let mut input: HashMap<RouteKey, Route> = HashMap::with_capacity(old.len());
-        for route in routes {
-            input.insert(route.key.clone(), route);
+        let mut table = (*old).clone();
+        let mut changed = Vec::new();
+        for key in removals {
+            if table.remove(&key) {
+                summary.removed += 1;
+                changed.push(key);
+            }
         }
-        let mut map = HashMap::with_capacity(input.len());
-        for (key, mut route) in input {
-            let entry = match old.routes.get(&key) {
-                Some(prev) if prev.same_content(&route) => Arc::clone(prev),
-                prev => {
-                    if prev.is_some() {
-                        summary.changed += 1;
-                    } else {
-                        summary.added += 1;
-                    }
-                    route.revision = next_rev;
-                    Arc::new(route)
-                }
-            };
-            map.insert(key, entry);
+        for mut route in upserts {
+            match table.routes.get(&route.key) {
+                Some(prev) if prev.same_content(&route) => continue,
+                Some(_) => summary.changed += 1,
+                None => summary.added += 1,
+            }
+            route.revision = next_rev;
+            changed.push(route.key.clone());
+            table.upsert(Arc::new(route));
         }
-        summary.removed = old.routes.keys().filter(|k| !map.contains_key(*k)).count();
         if !summary.is_change() {
             return summary;
         }
         summary.revision = next_rev;
-        self.inner
-            .current
-            .store(Arc::new(RouteTable::build(next_rev, map)));
+        table.revision = next_rev;
+        log.record(next_rev, changed);
+        self.inner.current.store(Arc::new(table));
         self.inner.notify.send_replace(next_rev);
         summary
+    }
+
+    /// What changed after `revision`, against the current table: the routes changed or added
+    /// since (as they are now) and the keys removed since. `None` when the log no longer
+    /// reaches back that far (the caller then needs a full snapshot). Returns the revision the
+    /// answer is current to.
+    pub fn changes_since(&self, revision: u64) -> Option<(u64, Delta)> {
+        let log = self.inner.write.lock().unwrap_or_else(|e| e.into_inner());
+        let table = self.snapshot();
+        if revision > table.revision || revision < log.trimmed_through {
+            return None;
+        }
+        let start = log.entries.partition_point(|(rev, _)| *rev <= revision);
+        let mut seen = std::collections::HashSet::new();
+        let mut delta = Delta::default();
+        for (_, key) in log.entries.range(start..) {
+            if !seen.insert(key) {
+                continue;
+            }
+            match table.get(key) {
+                Some(route) => delta.upserted.push(Arc::clone(route)),
+                None => delta.removed.push(key.clone()),
+            }
+        }
+        Some((table.revision, delta))
+    }
+
+    /// Sets how many changed keys are remembered for [`RouteStore::changes_since`].
+    pub fn set_log_capacity(&self, capacity: usize) {
+        let mut log = self.inner.write.lock().unwrap_or_else(|e| e.into_inner());
+        log.capacity = capacity;
+        log.record(0, std::iter::empty());
     }
 }
 

@@ -1,0 +1,202 @@
+//! The route-sync table source for consumers (gateway, DNS shim): follows the local
+//! route-sync's Watch stream into the consumer's own [`RouteStore`].
+//!
+//! Last known good: the table is saved atomically after changes and loaded at start, marked
+//! stale until the server answers; while route-sync is unreachable the consumer keeps serving
+//! what it has. After a reconnect it resumes from its revision; the server sends a full
+//! snapshot only when it can no longer tell what changed.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use isthmus_certs::{MeshTls, PeerPolicy, PeerRule};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{ClusterName, RouteKey};
+use crate::proto;
+use crate::table::RouteStore;
+
+/// Where a consumer's routes come from.
+#[derive(Clone)]
+pub struct RouteSyncSource {
+    /// This cluster (the route-sync must be a component of it).
+    pub cluster: ClusterName,
+    /// The mesh trust domain.
+    pub trust_domain: String,
+    /// The local route-sync replicas, tried in turn.
+    pub endpoints: Vec<SocketAddr>,
+    /// The consumer's identity.
+    pub tls: MeshTls,
+    /// Where the last table is saved; none saves nothing.
+    pub cache: Option<PathBuf>,
+}
+
+/// Live state of a consumer's route-sync source.
+#[derive(Debug, Default)]
+pub struct SourceState {
+    /// True while the table is last-known-good (not yet or no longer in touch).
+    pub stale: AtomicBool,
+    /// Snapshots received.
+    pub snapshots: AtomicU64,
+    /// Deltas received.
+    pub deltas: AtomicU64,
+    /// Routes refused (invalid on the wire).
+    pub rejected: AtomicU64,
+}
+
+impl RouteSyncSource {
+    /// Loads the cache into `store` (stale), then follows the server until `cancel`.
+    pub fn spawn(
+        self,
+        store: RouteStore,
+        cancel: CancellationToken,
+    ) -> (Arc<SourceState>, JoinHandle<()>) {
+        let state = Arc::new(SourceState {
+            stale: AtomicBool::new(true),
+            ..SourceState::default()
+        });
+        let mut resume = (String::new(), 0);
+        if let Some(path) = &self.cache {
+            match crate::persist::load(path) {
+                Ok(Some(saved)) => {
+                    let (routes, _) = crate::persist::routes_of(&saved);
+                    store.replace_all(routes);
+                    tracing::info!(
+                        routes = store.snapshot().len(),
+                        "loaded the last known routes (stale until route-sync answers)"
+                    );
+                    resume = (saved.epoch, saved.revision);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!("ignoring the route cache: {e}"),
+            }
+        }
+        let task = tokio::spawn(run(self, store, Arc::clone(&state), resume, cancel));
+        (state, task)
+    }
+}
+
+async fn run(
+    src: RouteSyncSource,
+    store: RouteStore,
+    state: Arc<SourceState>,
+    mut resume: (String, u64),
+    cancel: CancellationToken,
+) {
+    let policy = PeerPolicy::new(vec![PeerRule::TrustDomain {
+        trust_domain: src.trust_domain.clone(),
+        path_prefix: format!("/cluster/{}", src.cluster),
+    }]);
+    let tls = src.tls.client_config(policy, &[b"h2"]);
+    let mut attempt = 0usize;
+    let mut backoff = Duration::from_millis(100);
+    let mut last_saved = 0;
+    loop {
+        let addr = src.endpoints[attempt % src.endpoints.len()];
+        let result = tokio::select! {
+            () = cancel.cancelled() => return,
+            r = follow(&src, addr, Arc::clone(&tls), &store, &state, &mut resume, &mut backoff, &mut last_saved) => r,
+        };
+        state.stale.store(true, Ordering::Release);
+        tracing::warn!(endpoint = %addr, "route-sync stream ended ({}); serving the last known routes", result.err().unwrap_or_else(|| "closed".into()));
+        attempt += 1;
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn follow(
+    src: &RouteSyncSource,
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    store: &RouteStore,
+    state: &SourceState,
+    resume: &mut (String, u64),
+    backoff: &mut Duration,
+    last_saved: &mut u64,
+) -> Result<(), String> {
+    let channel = crate::grpc::channel(addr, tls).map_err(|e| e.to_string())?;
+    let mut client =
+        proto::route_sync_client::RouteSyncClient::new(channel).max_decoding_message_size(64 << 20);
+    let mut stream = client
+        .watch(proto::WatchRequest {
+            epoch: resume.0.clone(),
+            revision: resume.1,
+        })
+        .await
+        .map_err(|e| format!("watch refused: {}", e.message()))?
+        .into_inner();
+    let mut pending: Option<Vec<proto::Route>> = None;
+    loop {
+        let update = match stream.message().await {
+            Ok(Some(u)) => u,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(e.message().to_string()),
+        };
+        *backoff = Duration::from_millis(100);
+        if update.snapshot || pending.is_some() {
+            pending
+                .get_or_insert_with(Vec::new)
+                .extend(update.upserts.iter().cloned());
+            if update.more {
+                continue;
+            }
+        }
+        let wire = pending.as_deref().unwrap_or(&update.upserts);
+        let mut routes = Vec::with_capacity(wire.len());
+        for r in wire {
+            match r.to_model() {
+                Ok(route) => routes.push(route),
+                Err(e) => {
+                    state.rejected.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!("route-sync sent an invalid route {:?}: {e}", r.name);
+                }
+            }
+        }
+        if pending.take().is_some() {
+            state.snapshots.fetch_add(1, Ordering::Relaxed);
+            store.replace_all(routes);
+        } else {
+            state.deltas.fetch_add(1, Ordering::Relaxed);
+            let removals: Vec<RouteKey> = update
+                .removals
+                .iter()
+                .filter_map(|k| k.to_model().ok())
+                .collect();
+            store.apply(routes, removals);
+        }
+        *resume = (update.epoch.clone(), update.revision);
+        state.stale.store(update.stale, Ordering::Release);
+        if let Some(path) = &src.cache
+            && *last_saved != update.revision
+        {
+            save(path, store, &update.epoch, update.revision);
+            *last_saved = update.revision;
+        }
+    }
+}
+
+fn save(path: &std::path::Path, store: &RouteStore, epoch: &str, revision: u64) {
+    let table = store.snapshot();
+    let update = proto::Update {
+        epoch: epoch.to_string(),
+        revision,
+        snapshot: true,
+        upserts: table
+            .iter()
+            .map(|r| proto::Route::from_model(r, true))
+            .collect(),
+        ..proto::Update::default()
+    };
+    if let Err(e) = crate::persist::save(path, &update) {
+        tracing::warn!("cannot save the route cache {}: {e}", path.display());
+    }
+}

@@ -1,0 +1,176 @@
+//! Importing one peer cluster's exported routes: dial its endpoints in turn, Watch from the
+//! last applied (epoch, revision), apply snapshots and deltas, reconnect with backoff.
+//! Imported routes stay (last known good) while the peer is unreachable.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use isthmus_certs::{PeerPolicy, PeerRule};
+use tokio_util::sync::CancellationToken;
+
+use super::{Shared, lock};
+use crate::model::{Route, RouteKey};
+use crate::proto;
+use crate::source::Rejected;
+
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+pub(super) async fn run(shared: Arc<Shared>, index: usize, cancel: CancellationToken) {
+    let (spec, _) = &shared.peers[index];
+    let policy = PeerPolicy::new(vec![PeerRule::TrustDomain {
+        trust_domain: shared.settings.trust_domain.clone(),
+        path_prefix: format!("/cluster/{}", spec.cluster),
+    }]);
+    let tls = shared.settings.tls.client_config(policy, &[b"h2"]);
+    let mut backoff = Duration::from_millis(100);
+    let mut attempt = 0usize;
+    loop {
+        let addr = spec.endpoints[attempt % spec.endpoints.len()];
+        {
+            let mut s = lock(&shared.peers[index].1);
+            s.state = "connecting";
+            s.endpoint = addr.to_string();
+        }
+        let result = tokio::select! {
+            () = cancel.cancelled() => return,
+            r = follow(&shared, index, addr, Arc::clone(&tls), &mut backoff) => r,
+        };
+        let error = match result {
+            Ok(()) => "the peer closed the stream".to_string(),
+            Err(e) => e,
+        };
+        tracing::warn!(peer = %spec.cluster, endpoint = %addr, "peer stream ended: {error}");
+        {
+            let mut s = lock(&shared.peers[index].1);
+            s.state = "disconnected";
+            s.last_error = error;
+        }
+        shared
+            .metrics
+            .peer_connected
+            .get_or_create(&super::metrics::PeerLabel {
+                peer: spec.cluster.to_string(),
+            })
+            .set(0);
+        attempt += 1;
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+async fn follow(
+    shared: &Shared,
+    index: usize,
+    addr: std::net::SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    backoff: &mut Duration,
+) -> Result<(), String> {
+    let (spec, state) = &shared.peers[index];
+    let channel = crate::grpc::channel(addr, tls).map_err(|e| e.to_string())?;
+    let mut client =
+        proto::route_sync_client::RouteSyncClient::new(channel).max_decoding_message_size(64 << 20);
+    let (epoch, revision) = {
+        let s = lock(state);
+        (s.epoch.clone(), s.revision)
+    };
+    let mut stream = client
+        .watch(proto::WatchRequest { epoch, revision })
+        .await
+        .map_err(|e| format!("watch refused: {}", e.message()))?
+        .into_inner();
+    // What trust anchors the peer uses, for `status` (best effort).
+    if let Ok(status) = client.status(proto::StatusRequest {}).await {
+        lock(state).trust_anchors = status.into_inner().trust_anchors;
+    }
+    let label = super::metrics::PeerLabel {
+        peer: spec.cluster.to_string(),
+    };
+    let mut pending: Option<Vec<proto::Route>> = None;
+    loop {
+        let update = match stream.message().await {
+            Ok(Some(u)) => u,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(format!("stream failed: {}", e.message())),
+        };
+        *backoff = Duration::from_millis(100);
+        shared.metrics.peer_updates.get_or_create(&label).inc();
+        shared.metrics.peer_connected.get_or_create(&label).set(1);
+        if update.snapshot || pending.is_some() {
+            let chunk = pending.get_or_insert_with(Vec::new);
+            chunk.extend(update.upserts.iter().cloned());
+            if update.more {
+                continue;
+            }
+        }
+        let (routes, mut rejected) =
+            decode(&spec.cluster, pending.as_deref().unwrap_or(&update.upserts));
+        let mut merger = lock(&shared.merger);
+        let (keys, more_rejected) = if pending.take().is_some() {
+            lock(state).snapshots += 1;
+            merger.import_snapshot(&spec.cluster, routes)
+        } else {
+            lock(state).deltas += 1;
+            let removals = update
+                .removals
+                .iter()
+                .filter_map(|k| k.to_model().ok())
+                .collect::<Vec<RouteKey>>();
+            merger.import_delta(&spec.cluster, routes, removals)
+        };
+        rejected.extend(more_rejected);
+        shared.apply_merge(&merger, keys, rejected);
+        shared
+            .metrics
+            .routes
+            .get_or_create(&super::metrics::OriginLabel {
+                origin: spec.cluster.to_string(),
+            })
+            .set(merger.imported_count(&spec.cluster) as i64);
+        drop(merger);
+        let now = now_ms();
+        if update.sent_at_unix_ms > 0 {
+            let lag = (now - update.sent_at_unix_ms).max(0) as f64 / 1000.0;
+            shared.metrics.propagation_lag.observe(lag);
+        }
+        let mut s = lock(state);
+        if s.state != "connected" {
+            tracing::info!(peer = %spec.cluster, endpoint = %addr, "peer connected");
+        }
+        s.state = "connected";
+        s.ever_connected = true;
+        s.epoch = update.epoch;
+        s.revision = update.revision;
+        s.last_update_unix_ms = now;
+        s.last_error.clear();
+        drop(s);
+        shared.dirty.notify_one();
+        let _ = shared.rejected.load(Ordering::Relaxed);
+    }
+}
+
+/// Decodes wire routes, refusing (with a reason) any the model refuses.
+fn decode(peer: &crate::ClusterName, wire: &[proto::Route]) -> (Vec<Route>, Vec<Rejected>) {
+    let mut routes = Vec::with_capacity(wire.len());
+    let mut rejected = Vec::new();
+    for (i, r) in wire.iter().enumerate() {
+        match r.to_model() {
+            Ok(route) => routes.push(route),
+            Err(e) => rejected.push(Rejected {
+                entry: format!("peer {peer} update entry {i}"),
+                route: Some(format!("{:?}:{}", r.name, r.port)),
+                reason: e.to_string(),
+            }),
+        }
+    }
+    (routes, rejected)
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
