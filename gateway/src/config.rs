@@ -76,15 +76,31 @@ fn default_poll() -> HumanDuration {
     HumanDuration::from_millis(500)
 }
 
-/// The route source.
+/// The route source: a file, or the cluster's route-sync (exactly one).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoutesConfig {
     /// A YAML route file (see `isthmus_route_sync::source::file`).
-    pub file: PathBuf,
+    #[serde(default)]
+    pub file: Option<PathBuf>,
     /// How often the file is checked for changes.
     #[serde(default = "default_poll")]
     pub poll_interval: HumanDuration,
+    /// This cluster's route-sync.
+    #[serde(default)]
+    pub route_sync: Option<RouteSyncSourceConfig>,
+}
+
+/// Following the local route-sync.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSyncSourceConfig {
+    /// Its replicas' gRPC addresses, tried in turn.
+    pub endpoints: Vec<SocketAddr>,
+    /// Where the last table is kept, served (marked stale) after a restart until route-sync
+    /// answers.
+    #[serde(default)]
+    pub cache: Option<PathBuf>,
 }
 
 /// The admin server (`/healthz`, `/readyz`, `/metrics`).
@@ -354,6 +370,22 @@ impl Validate for GatewayConfig {
             .map_err(|_| {
                 FieldError::new("trust_domain", "a trust domain of a-z, 0-9, '.', '-', '_'")
             })?;
+        match (&self.routes.file, &self.routes.route_sync) {
+            (Some(_), None) => {}
+            (None, Some(rs)) if !rs.endpoints.is_empty() => {}
+            (None, Some(_)) => {
+                return Err(FieldError::new(
+                    "routes.route_sync.endpoints",
+                    "at least one route-sync address",
+                ));
+            }
+            _ => {
+                return Err(FieldError::new(
+                    "routes",
+                    "exactly one of `file` or `route_sync`",
+                ));
+            }
+        }
         if self.ingress.is_none() && self.egress.is_none() {
             return Err(FieldError::new(
                 "ingress",

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use isthmus_certs::{MeshTls, TlsFiles};
+use isthmus_route_sync::client::RouteSyncSource;
 use isthmus_route_sync::source::file::FileSource;
 use isthmus_route_sync::{ClusterName, RouteStore};
 use isthmus_runtime::admin::{AdminServer, Health};
@@ -16,6 +17,12 @@ use crate::config::GatewayConfig;
 use crate::egress::Egress;
 use crate::ingress::Ingress;
 use crate::metrics::Metrics;
+
+/// Where the gateway's routes come from.
+enum Source {
+    File(FileSource),
+    RouteSync(RouteSyncSource),
+}
 
 /// A gateway with every socket bound, ready to [`run`](Gateway::run).
 pub struct Gateway {
@@ -29,7 +36,7 @@ pub struct Gateway {
     pub admin: AdminServer,
     /// Health reported on the admin server.
     pub health: Health,
-    source: FileSource,
+    source: Source,
     poll: Duration,
     tls_files: TlsFiles,
     tls_poll: Duration,
@@ -52,17 +59,30 @@ impl Gateway {
         let tls = MeshTls::load(&tls_files).context("loading the gateway's certificates")?;
         tracing::info!(id = %tls.local_id(), serial = %tls.serial(), "identity loaded");
         let routes = RouteStore::new();
-        let source = FileSource::new(&cfg.routes.file);
         let health = Health::new();
-        match source.apply(&routes) {
-            Ok((applied, rejected)) => tracing::info!(
-                routes = routes.snapshot().len(),
-                revision = applied.revision,
-                rejected = rejected.len(),
-                "routes loaded"
-            ),
-            Err(e) => tracing::error!("{e}"),
-        }
+        let source = match (&cfg.routes.file, &cfg.routes.route_sync) {
+            (Some(file), _) => {
+                let source = FileSource::new(file);
+                match source.apply(&routes) {
+                    Ok((applied, rejected)) => tracing::info!(
+                        routes = routes.snapshot().len(),
+                        revision = applied.revision,
+                        rejected = rejected.len(),
+                        "routes loaded"
+                    ),
+                    Err(e) => tracing::error!("{e}"),
+                }
+                Source::File(source)
+            }
+            (None, Some(rs)) => Source::RouteSync(RouteSyncSource {
+                cluster: ClusterName::parse(&cfg.cluster).context("cluster")?,
+                trust_domain: cfg.trust_domain.clone(),
+                endpoints: rs.endpoints.clone(),
+                tls: tls.clone(),
+                cache: rs.cache.clone(),
+            }),
+            (None, None) => anyhow::bail!("no route source configured"),
+        };
         let metrics = Metrics::default();
         let mut registry = Registry::default();
         metrics.register(&mut registry);
@@ -115,9 +135,27 @@ impl Gateway {
             .ctx
             .tls
             .watch(self.tls_files, self.tls_poll, background.clone());
-        let _routes = self
-            .source
-            .watch(self.ctx.routes.clone(), self.poll, background.clone());
+        match self.source {
+            Source::File(file) => {
+                let _routes = file.watch(self.ctx.routes.clone(), self.poll, background.clone());
+            }
+            Source::RouteSync(rs) => {
+                let (state, _task) = rs.spawn(self.ctx.routes.clone(), background.clone());
+                // Health says "stale" while the table is last-known-good.
+                let health = self.health.clone();
+                let stop = background.clone();
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(Duration::from_millis(250));
+                    loop {
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            _ = tick.tick() => {}
+                        }
+                        health.set_stale(state.stale.load(std::sync::atomic::Ordering::Acquire));
+                    }
+                });
+            }
+        }
         let admin = tokio::spawn(self.admin.serve(background.clone()));
         let mut roles = tokio::task::JoinSet::new();
         if let Some(ingress) = self.ingress {

@@ -11,6 +11,7 @@
 //! cluster, and never make a route reachable that its home cluster did not export.
 
 pub mod client;
+pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod merge;
@@ -19,6 +20,7 @@ pub mod node;
 pub mod persist;
 pub mod proto;
 pub mod source;
+pub mod status;
 pub mod table;
 pub mod vip;
 

@@ -1,0 +1,123 @@
+//! The human form of a node's status, as `isthmus-route-sync status` prints it.
+
+use std::fmt::Write as _;
+
+use crate::proto::StatusReply;
+
+/// Renders `status`; `ours` are the trust anchors of the asking side, compared with the
+/// node's and with each peer's so a half-finished CA rotation shows.
+pub fn render(status: &StatusReply, ours: &[String]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "cluster     {}", status.cluster);
+    let _ = writeln!(out, "identity    {}", status.identity);
+    let _ = writeln!(
+        out,
+        "revision    {} (epoch {})",
+        status.revision, status.epoch
+    );
+    let _ = writeln!(
+        out,
+        "routes      {} served, {} local, {} rejected",
+        status.routes, status.local_routes, status.rejected
+    );
+    let _ = writeln!(
+        out,
+        "stale       {}",
+        if status.stale {
+            "YES (serving last known routes)"
+        } else {
+            "no"
+        }
+    );
+    let _ = writeln!(out, "\npeers");
+    if status.peers.is_empty() {
+        let _ = writeln!(out, "  (none)");
+    }
+    for p in &status.peers {
+        let _ = writeln!(
+            out,
+            "  {:<12} {:<13} {:<22} revision {:<8} routes {:<7} snapshots {} deltas {}{}",
+            p.cluster,
+            p.state,
+            p.endpoint,
+            p.revision,
+            p.routes,
+            p.snapshots,
+            p.deltas,
+            if p.last_error.is_empty() {
+                String::new()
+            } else {
+                format!("  last error: {}", p.last_error)
+            }
+        );
+    }
+    let _ = writeln!(out, "\nconflicts");
+    if status.conflicts.is_empty() {
+        let _ = writeln!(out, "  (none)");
+    }
+    for c in &status.conflicts {
+        let _ = writeln!(
+            out,
+            "  {}:{} offered by {} -> {} wins",
+            c.name,
+            c.port,
+            c.clusters.join(", "),
+            c.winner
+        );
+    }
+    let _ = writeln!(out, "\ntrust anchors");
+    let mut anchors = vec![("this node", &status.trust_anchors)];
+    anchors.extend(
+        status
+            .peers
+            .iter()
+            .map(|p| (p.cluster.as_str(), &p.trust_anchors)),
+    );
+    let _ = writeln!(out, "  {:<12} {}", "you", ours.join("; "));
+    for (who, list) in anchors {
+        let same = list.iter().any(|a| ours.contains(a));
+        let mark = if list.is_empty() {
+            "  (unknown)"
+        } else if same {
+            ""
+        } else {
+            "  NO ANCHOR IN COMMON WITH YOU"
+        };
+        let _ = writeln!(out, "  {:<12} {}{mark}", who, list.join("; "));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{Conflict, PeerStatus};
+
+    #[test]
+    fn renders_peers_conflicts_and_anchor_mismatches() {
+        let status = StatusReply {
+            cluster: "k8s".into(),
+            stale: true,
+            trust_anchors: vec!["CA1".into()],
+            peers: vec![PeerStatus {
+                cluster: "diego".into(),
+                state: "disconnected".into(),
+                last_error: "connection refused".into(),
+                trust_anchors: vec!["CA2".into()],
+                ..PeerStatus::default()
+            }],
+            conflicts: vec![Conflict {
+                name: "orders.apps.internal".into(),
+                port: 8080,
+                clusters: vec!["diego".into(), "k8s".into()],
+                winner: "k8s".into(),
+            }],
+            ..StatusReply::default()
+        };
+        let text = render(&status, &["CA1".to_string()]);
+        assert!(text.contains("YES"));
+        assert!(text.contains("connection refused"));
+        assert!(text.contains("orders.apps.internal:8080 offered by diego, k8s -> k8s wins"));
+        assert!(text.contains("diego        CA2  NO ANCHOR IN COMMON WITH YOU"));
+    }
+}
