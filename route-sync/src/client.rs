@@ -94,7 +94,7 @@ async fn run(
     let tls = src.tls.client_config(policy, &[b"h2"]);
     let mut attempt = 0usize;
     let mut backoff = Duration::from_millis(100);
-    let mut last_saved = 0;
+    let mut last_saved = tokio::time::Instant::now();
     loop {
         let addr = src.endpoints[attempt % src.endpoints.len()];
         let result = tokio::select! {
@@ -121,7 +121,7 @@ async fn follow(
     state: &SourceState,
     resume: &mut (String, u64),
     backoff: &mut Duration,
-    last_saved: &mut u64,
+    last_saved: &mut tokio::time::Instant,
 ) -> Result<(), String> {
     let channel = crate::grpc::channel(addr, tls).map_err(|e| e.to_string())?;
     let mut client =
@@ -175,11 +175,12 @@ async fn follow(
         }
         *resume = (update.epoch.clone(), update.revision);
         state.stale.store(update.stale, Ordering::Release);
+        // Saving is O(routes): at most once a second under churn, and always a snapshot.
         if let Some(path) = &src.cache
-            && *last_saved != update.revision
+            && (update.snapshot || last_saved.elapsed() >= Duration::from_secs(1))
         {
             save(path, store, &update.epoch, update.revision);
-            *last_saved = update.revision;
+            *last_saved = tokio::time::Instant::now();
         }
     }
 }

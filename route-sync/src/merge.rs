@@ -10,7 +10,7 @@
 //!   (a stable, documented, coordination-free choice). Each such key is reported as a
 //!   conflict with its candidates and winner until only one cluster offers it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::model::{ClusterName, Route, RouteKey};
 use crate::source::Rejected;
@@ -60,7 +60,7 @@ impl Merger {
 
     /// Replaces the local routes; returns the keys whose winner may have changed, and the
     /// routes refused (homed elsewhere).
-    pub fn set_local(&mut self, routes: Vec<Route>) -> (BTreeSet<RouteKey>, Vec<Rejected>) {
+    pub fn set_local(&mut self, routes: Vec<Route>) -> (HashSet<RouteKey>, Vec<Rejected>) {
         let mut rejected = Vec::new();
         let mut next = HashMap::with_capacity(routes.len());
         for route in routes {
@@ -77,7 +77,7 @@ impl Merger {
             }
             next.insert(route.key.clone(), route);
         }
-        let mut affected: BTreeSet<RouteKey> = self.local.keys().cloned().collect();
+        let mut affected: HashSet<RouteKey> = self.local.keys().cloned().collect();
         affected.extend(next.keys().cloned());
         self.local = next;
         (affected, rejected)
@@ -88,8 +88,8 @@ impl Merger {
         &mut self,
         upserts: Vec<Route>,
         removals: Vec<RouteKey>,
-    ) -> (BTreeSet<RouteKey>, Vec<Rejected>) {
-        let mut affected = BTreeSet::new();
+    ) -> (HashSet<RouteKey>, Vec<Rejected>) {
+        let mut affected = HashSet::new();
         let mut rejected = Vec::new();
         for key in removals {
             if self.local.remove(&key).is_some() {
@@ -153,7 +153,7 @@ impl Merger {
         &mut self,
         peer: &ClusterName,
         routes: Vec<Route>,
-    ) -> (BTreeSet<RouteKey>, Vec<Rejected>) {
+    ) -> (HashSet<RouteKey>, Vec<Rejected>) {
         let mut rejected = Vec::new();
         let mut next = HashMap::with_capacity(routes.len());
         for route in routes {
@@ -165,7 +165,7 @@ impl Merger {
             }
         }
         let prev = self.imported.insert(peer.clone(), next).unwrap_or_default();
-        let mut affected: BTreeSet<RouteKey> = prev.into_keys().collect();
+        let mut affected: HashSet<RouteKey> = prev.into_keys().collect();
         if let Some(now) = self.imported.get(peer) {
             affected.extend(now.keys().cloned());
         }
@@ -179,9 +179,9 @@ impl Merger {
         peer: &ClusterName,
         upserts: Vec<Route>,
         removals: Vec<RouteKey>,
-    ) -> (BTreeSet<RouteKey>, Vec<Rejected>) {
+    ) -> (HashSet<RouteKey>, Vec<Rejected>) {
         let mut rejected = Vec::new();
-        let mut affected = BTreeSet::new();
+        let mut affected = HashSet::new();
         let mut admitted = Vec::with_capacity(upserts.len());
         for route in upserts {
             let key = route.key.clone();

@@ -5,7 +5,7 @@
 //! Control plane only: nothing here is on a data path. Consumers get changes as streamed
 //! deltas and keep their own lock-free table.
 
-use std::collections::BTreeSet;
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -107,7 +107,7 @@ impl Shared {
     pub(crate) fn apply_merge(
         &self,
         merger: &Merger,
-        keys: BTreeSet<RouteKey>,
+        keys: HashSet<RouteKey>,
         rejected: Vec<Rejected>,
     ) {
         for r in &rejected {

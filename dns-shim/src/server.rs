@@ -1,0 +1,114 @@
+//! Assembles the whole process from its configuration: route source, DNS shim, admin, drain.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use isthmus_route_sync::RouteStore;
+use isthmus_route_sync::source::file::FileSource;
+use isthmus_runtime::admin::{AdminServer, Health};
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::DnsShimConfig;
+use crate::metrics::Metrics;
+use crate::shim::{DnsShim, Settings};
+
+/// The process with every socket bound, ready to [`run`](Server::run).
+pub struct Server {
+    /// The DNS server.
+    pub shim: DnsShim,
+    /// The admin server.
+    pub admin: AdminServer,
+    /// Health reported on the admin server.
+    pub health: Health,
+    /// The route table the answers follow.
+    pub routes: RouteStore,
+    source: FileSource,
+    poll: Duration,
+    drain: Duration,
+}
+
+impl Server {
+    /// Loads the routes, builds the upstream client and binds every socket.
+    ///
+    /// # Errors
+    /// When a socket cannot be bound or the upstream cannot be set up. A route file that
+    /// cannot be read is not fatal: the shim starts not ready (every name would be forwarded,
+    /// so names homed elsewhere would get the platform's answer) and becomes ready once the
+    /// file loads.
+    pub async fn build(cfg: &DnsShimConfig) -> anyhow::Result<Self> {
+        let routes = RouteStore::new();
+        let source = FileSource::new(&cfg.routes.file);
+        let health = Health::new();
+        match source.apply(&routes) {
+            Ok((applied, rejected)) => tracing::info!(
+                routes = routes.snapshot().len(),
+                revision = applied.revision,
+                rejected = rejected.len(),
+                "routes loaded"
+            ),
+            Err(e) => {
+                tracing::error!("{e}");
+                health.set_not_ready(format!("route file not loaded: {e}"));
+            }
+        }
+        let metrics = Metrics::default();
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let settings = Settings::from_config(cfg).context("configuration")?;
+        let shim = DnsShim::bind(settings, routes.clone(), metrics)
+            .await
+            .context("starting the DNS shim")?;
+        let admin = AdminServer::bind(cfg.admin.listen, Arc::new(registry), health.clone())
+            .await
+            .with_context(|| format!("binding the admin server on {}", cfg.admin.listen))?;
+        Ok(Self {
+            shim,
+            admin,
+            health,
+            routes,
+            source,
+            poll: cfg.routes.poll_interval.get(),
+            drain: cfg.drain_timeout.get(),
+        })
+    }
+
+    /// Serves until `shutdown`, then drains for at most the configured drain timeout.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let background = CancellationToken::new();
+        let _watcher = self
+            .source
+            .watch(self.routes.clone(), self.poll, background.clone());
+        let admin = tokio::spawn(self.admin.serve(background.clone()));
+        let health = self.health.clone();
+        if health.is_ready() || health.not_ready_reason().as_deref() == Some("starting") {
+            health.set_ready();
+        } else {
+            // Ready once the route file has loaded.
+            let mut watch = self.routes.subscribe();
+            let (h, stop) = (health.clone(), background.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = stop.cancelled() => {}
+                    _ = watch.changed() => h.set_ready(),
+                }
+            });
+        }
+        let mut dns = tokio::spawn(self.shim.run(shutdown.clone()));
+        tokio::select! {
+            _ = &mut dns => {}
+            () = shutdown.cancelled() => {
+                health.set_not_ready("draining");
+                tracing::info!(deadline = ?self.drain, "draining");
+                if tokio::time::timeout(self.drain, &mut dns).await.is_err() {
+                    tracing::warn!("drain deadline passed; closing what is left");
+                    dns.abort();
+                }
+            }
+        }
+        background.cancel();
+        let _ = admin.await;
+        tracing::info!("stopped");
+    }
+}
