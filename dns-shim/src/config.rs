@@ -232,10 +232,42 @@ impl<'de> Deserialize<'de> for DnsServer {
 #[serde(deny_unknown_fields)]
 pub struct RoutesConfig {
     /// A YAML route file (see `isthmus_route_sync::source::file`), watched for changes.
-    pub file: PathBuf,
+    /// Exactly one of `file` and `route_sync`.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
     /// How often the file is checked for changes.
     #[serde(default = "default_poll")]
     pub poll_interval: HumanDuration,
+    /// Follow this cluster's route-sync instead of a file.
+    #[serde(default)]
+    pub route_sync: Option<RouteSyncSourceConfig>,
+}
+
+/// Following the local route-sync over mesh mTLS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSyncSourceConfig {
+    /// Its replicas' gRPC addresses, tried in turn.
+    pub endpoints: Vec<std::net::SocketAddr>,
+    /// The mesh trust domain.
+    pub trust_domain: String,
+    /// The shim's mesh identity: `spiffe://<td>/cluster/<cluster>/dns-shim`.
+    pub tls: MeshTlsFiles,
+    /// Where the last table is kept, served (marked stale) after a restart.
+    #[serde(default)]
+    pub cache: Option<PathBuf>,
+}
+
+/// PEM files of a mesh identity.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshTlsFiles {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Private key.
+    pub key: PathBuf,
+    /// Trust bundle.
+    pub bundle: PathBuf,
 }
 
 /// The admin server.
@@ -289,8 +321,9 @@ impl RoutesConfig {
     /// A route file polled at the default interval.
     pub fn file(path: impl Into<PathBuf>) -> Self {
         Self {
-            file: path.into(),
+            file: Some(path.into()),
             poll_interval: default_poll(),
+            route_sync: None,
         }
     }
 }
@@ -342,6 +375,22 @@ impl Validate for DnsShimConfig {
         positive("upstream_timeout", self.upstream_timeout)?;
         positive("tcp_idle_timeout", self.tcp_idle_timeout)?;
         positive("routes.poll_interval", self.routes.poll_interval)?;
+        match (&self.routes.file, &self.routes.route_sync) {
+            (Some(_), None) => {}
+            (None, Some(rs)) if !rs.endpoints.is_empty() => {}
+            (None, Some(_)) => {
+                return Err(FieldError::new(
+                    "routes.route_sync.endpoints",
+                    "at least one route-sync address",
+                ));
+            }
+            _ => {
+                return Err(FieldError::new(
+                    "routes",
+                    "exactly one of `file` or `route_sync`",
+                ));
+            }
+        }
         if self.udp_sockets > 64 {
             return Err(FieldError::new("udp_sockets", "0 (one per CPU) to 64"));
         }

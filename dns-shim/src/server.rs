@@ -24,9 +24,15 @@ pub struct Server {
     pub health: Health,
     /// The route table the answers follow.
     pub routes: RouteStore,
-    source: FileSource,
+    source: Source,
     poll: Duration,
     drain: Duration,
+}
+
+/// Where the shim's routes come from.
+enum Source {
+    File(FileSource),
+    RouteSync(isthmus_route_sync::client::RouteSyncSource),
 }
 
 impl Server {
@@ -39,20 +45,45 @@ impl Server {
     /// file loads.
     pub async fn build(cfg: &DnsShimConfig) -> anyhow::Result<Self> {
         let routes = RouteStore::new();
-        let source = FileSource::new(&cfg.routes.file);
         let health = Health::new();
-        match source.apply(&routes) {
-            Ok((applied, rejected)) => tracing::info!(
-                routes = routes.snapshot().len(),
-                revision = applied.revision,
-                rejected = rejected.len(),
-                "routes loaded"
-            ),
-            Err(e) => {
-                tracing::error!("{e}");
-                health.set_not_ready(format!("route file not loaded: {e}"));
+        let source = match (&cfg.routes.file, &cfg.routes.route_sync) {
+            (Some(file), _) => {
+                let source = FileSource::new(file);
+                match source.apply(&routes) {
+                    Ok((applied, rejected)) => tracing::info!(
+                        routes = routes.snapshot().len(),
+                        revision = applied.revision,
+                        rejected = rejected.len(),
+                        "routes loaded"
+                    ),
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        health.set_not_ready(format!("route file not loaded: {e}"));
+                    }
+                }
+                Source::File(source)
             }
-        }
+            (None, Some(rs)) => {
+                let files = isthmus_certs::TlsFiles {
+                    cert: rs.tls.cert.clone(),
+                    key: rs.tls.key.clone(),
+                    bundle: rs.tls.bundle.clone(),
+                };
+                let tls = isthmus_certs::MeshTls::load(&files)
+                    .context("loading the shim's mesh certificates")?;
+                // Not ready until route-sync (or the cache) gave a table.
+                health.set_not_ready("waiting for route-sync");
+                Source::RouteSync(isthmus_route_sync::client::RouteSyncSource {
+                    cluster: isthmus_route_sync::ClusterName::parse(&cfg.cluster)
+                        .context("cluster")?,
+                    trust_domain: rs.trust_domain.clone(),
+                    endpoints: rs.endpoints.clone(),
+                    tls,
+                    cache: rs.cache.clone(),
+                })
+            }
+            (None, None) => anyhow::bail!("no route source configured"),
+        };
         let metrics = Metrics::default();
         let mut registry = Registry::default();
         metrics.register(&mut registry);
@@ -77,9 +108,30 @@ impl Server {
     /// Serves until `shutdown`, then drains for at most the configured drain timeout.
     pub async fn run(self, shutdown: CancellationToken) {
         let background = CancellationToken::new();
-        let _watcher = self
-            .source
-            .watch(self.routes.clone(), self.poll, background.clone());
+        match self.source {
+            Source::File(file) => {
+                let _watcher = file.watch(self.routes.clone(), self.poll, background.clone());
+            }
+            Source::RouteSync(rs) => {
+                let (state, _task) = rs.spawn(self.routes.clone(), background.clone());
+                let (health, stop) = (self.health.clone(), background.clone());
+                let routes = self.routes.clone();
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+                    loop {
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            _ = tick.tick() => {}
+                        }
+                        let stale = state.stale.load(std::sync::atomic::Ordering::Acquire);
+                        health.set_stale(stale);
+                        if !stale || !routes.snapshot().is_empty() {
+                            health.set_ready();
+                        }
+                    }
+                });
+            }
+        }
         let admin = tokio::spawn(self.admin.serve(background.clone()));
         let health = self.health.clone();
         if health.is_ready() || health.not_ready_reason().as_deref() == Some("starting") {
