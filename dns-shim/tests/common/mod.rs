@@ -66,8 +66,9 @@ pub fn config(routes: &Path, answer: AnswerConfig, upstream: UpstreamConfig) -> 
         answer,
         upstream,
         RoutesConfig {
-            file: routes.to_path_buf(),
+            file: Some(routes.to_path_buf()),
             poll_interval: HumanDuration::from_millis(50),
+            route_sync: None,
         },
     );
     cfg.listen = "127.0.0.1:0".parse().unwrap();
