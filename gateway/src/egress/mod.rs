@@ -137,7 +137,7 @@ impl Egress {
             () = force.cancelled() => tracker.wait().await,
         }
         reaper.abort();
-        shared.pool.close_all();
+        shared.pool.close_all().await;
     }
 }
 

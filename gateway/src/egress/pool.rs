@@ -541,8 +541,10 @@ impl Pool {
         }
     }
 
-    /// Closes every pooled connection (shutdown).
-    pub fn close_all(&self) {
+    /// Closes every pooled connection (shutdown), and waits (at most 2 s) until the QUIC
+    /// close frames are out: without it, an exiting process leaves the far ingress holding
+    /// connections until its idle timeout.
+    pub async fn close_all(&self) {
         for endpoint in self.peers.values().flat_map(|p| &p.endpoints) {
             for c in lock(&endpoint.conns).drain(..) {
                 c.close();
@@ -550,6 +552,7 @@ impl Pool {
         }
         if let Some(q) = &self.quic {
             q.close(quinn::VarInt::from_u32(0), b"shutdown");
+            let _ = timeout(Duration::from_secs(2), q.wait_idle()).await;
         }
     }
 }

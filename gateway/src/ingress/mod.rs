@@ -178,6 +178,12 @@ async fn serve_tcp(
     let _ = socket.set_nodelay(true);
     let tls = match timeout(shared.cfg.handshake_timeout.get(), acceptor.accept(socket)).await {
         Ok(Ok(tls)) => tls,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            // A bare TCP connect (a load balancer's or kubelet's probe): not worth a warning.
+            metrics.handshake_failed("ingress", "eof");
+            tracing::debug!(%peer, "connection closed before a TLS handshake");
+            return;
+        }
         Ok(Err(e)) => {
             let reason = handshake_reason(&e);
             metrics.handshake_failed("ingress", reason);

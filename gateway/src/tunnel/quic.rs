@@ -33,8 +33,14 @@ pub struct QuicRecv(pub quinn::RecvStream);
 
 impl StreamRecv for QuicRecv {
     async fn recv(&mut self) -> io::Result<Option<Bytes>> {
-        match self.0.read_chunk(usize::MAX, true).await {
-            Ok(Some(chunk)) => Ok(Some(chunk.bytes)),
+        // Chunks arrive packet-sized (~1.2 KB); reading into one buffer gathers every chunk
+        // already received, so the socket gets a few large writes instead of one per packet.
+        let mut buf = bytes::BytesMut::zeroed(super::pump::CHUNK);
+        match self.0.read(&mut buf).await {
+            Ok(Some(n)) => {
+                buf.truncate(n);
+                Ok(Some(buf.freeze()))
+            }
             Ok(None) => Ok(None),
             Err(e) => Err(io::Error::from(e)),
         }
