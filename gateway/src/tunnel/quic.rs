@@ -3,6 +3,7 @@
 use std::io;
 
 use bytes::Bytes;
+use futures_util::FutureExt as _;
 
 use super::{StreamRecv, StreamSend};
 
@@ -33,16 +34,29 @@ pub struct QuicRecv(pub quinn::RecvStream);
 
 impl StreamRecv for QuicRecv {
     async fn recv(&mut self) -> io::Result<Option<Bytes>> {
-        // Chunks arrive packet-sized (~1.2 KB); reading into one buffer gathers every chunk
-        // already received, so the socket gets a few large writes instead of one per packet.
-        let mut buf = bytes::BytesMut::zeroed(super::pump::CHUNK);
-        match self.0.read(&mut buf).await {
-            Ok(Some(n)) => {
-                buf.truncate(n);
-                Ok(Some(buf.freeze()))
+        // Wait for the first chunk without holding a buffer (an idle stream costs nothing),
+        // then gather the chunks already received: they arrive packet-sized (~1.2 KB), and
+        // one larger write to the socket beats one write per packet.
+        let first = match self.0.read_chunk(usize::MAX, true).await {
+            Ok(Some(chunk)) => chunk.bytes,
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(io::Error::from(e)),
+        };
+        let mut gathered: Option<bytes::BytesMut> = None;
+        while gathered.as_ref().map_or(first.len(), |g| g.len()) < super::pump::CHUNK {
+            match self.0.read_chunk(usize::MAX, true).now_or_never() {
+                Some(Ok(Some(chunk))) => gathered
+                    .get_or_insert_with(|| {
+                        let mut g = bytes::BytesMut::with_capacity(super::pump::CHUNK);
+                        g.extend_from_slice(&first);
+                        g
+                    })
+                    .extend_from_slice(&chunk.bytes),
+                // Nothing more ready, the end, or an error: hand over what we have; the
+                // next call sees the end or the error.
+                _ => break,
             }
-            Ok(None) => Ok(None),
-            Err(e) => Err(io::Error::from(e)),
         }
+        Ok(Some(gathered.map_or(first, bytes::BytesMut::freeze)))
     }
 }
