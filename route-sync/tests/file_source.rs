@@ -198,3 +198,23 @@ async fn a_broken_file_never_replaces_the_table() {
     ));
     assert_eq!(store.snapshot().len(), 2);
 }
+
+#[tokio::test]
+async fn the_file_source_runs_behind_the_source_trait() {
+    use isthmus_route_sync::source::RouteSource;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("routes.yaml");
+    std::fs::write(&path, GOOD).unwrap();
+    let source = FileSource::new(&path);
+    assert!(source.describe().contains("routes.yaml"));
+    let store = RouteStore::new();
+    let mut watch = store.subscribe();
+    let cancel = CancellationToken::new();
+    let task = RouteSource::run(source, store.clone(), cancel.clone());
+    wait_for(&mut watch, |t| t.len() == 2).await;
+    cancel.cancel();
+    timeout(Duration::from_secs(1), task)
+        .await
+        .unwrap()
+        .unwrap();
+}

@@ -7,6 +7,37 @@
 pub mod file;
 
 use std::fmt;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::table::RouteStore;
+
+/// Where a cluster's own routes come from. A source writes the full set it knows into a
+/// [`RouteStore`] (snapshot) and keeps it current (watch); the store turns each write into a
+/// revisioned delta, and route-sync follows the store. The file source is the first;
+/// Kubernetes (Services/EndpointSlices, MCS ServiceExport) and Cloud Foundry
+/// (service-discovery-controller `/routes`, Cloud Controller v3) sources implement the same
+/// trait: list, then watch, writing each change into the store.
+pub trait RouteSource: Send + 'static {
+    /// A short description for logs and status (`file /etc/isthmus/routes.yaml`).
+    fn describe(&self) -> String;
+
+    /// Loads once into `into` and keeps it current until `cancel`. A source that cannot
+    /// load leaves the store as it was (last known good) and retries.
+    fn run(self, into: RouteStore, cancel: CancellationToken) -> JoinHandle<()>;
+}
+
+impl RouteSource for file::FileSource {
+    fn describe(&self) -> String {
+        format!("file {}", self.path().display())
+    }
+
+    fn run(self, into: RouteStore, cancel: CancellationToken) -> JoinHandle<()> {
+        self.watch(into, Duration::from_millis(500), cancel)
+    }
+}
 
 /// One entry a source refused, with why. The other entries still apply.
 #[derive(Debug, Clone, PartialEq, Eq)]
