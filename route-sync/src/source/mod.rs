@@ -1,6 +1,6 @@
 //! Route sources: where a cluster's routes come from.
 //!
-//! A source yields the full set of routes it knows; the [`RouteStore`](crate::RouteStore)
+//! A source yields the full set of routes it knows; the [`RouteStore`]
 //! diffs it against the current table. The YAML file source is the first; Kubernetes and
 //! Cloud Foundry sources follow behind the same shape.
 
