@@ -135,11 +135,36 @@ async fn follow(
         .map_err(|e| format!("watch refused: {}", e.message()))?
         .into_inner();
     let mut pending: Option<Vec<proto::Route>> = None;
+    // Changes applied but not yet saved: saved once the stream goes quiet or ends, so the
+    // cache trails the table by at most a moment even under churn.
+    let mut dirty = false;
     loop {
-        let update = match stream.message().await {
+        let next = if dirty {
+            match tokio::time::timeout(Duration::from_millis(200), stream.message()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    save_cache(src, store, resume, last_saved);
+                    dirty = false;
+                    continue;
+                }
+            }
+        } else {
+            stream.message().await
+        };
+        let update = match next {
             Ok(Some(u)) => u,
-            Ok(None) => return Ok(()),
-            Err(e) => return Err(e.message().to_string()),
+            Ok(None) => {
+                if dirty {
+                    save_cache(src, store, resume, last_saved);
+                }
+                return Ok(());
+            }
+            Err(e) => {
+                if dirty {
+                    save_cache(src, store, resume, last_saved);
+                }
+                return Err(e.message().to_string());
+            }
         };
         *backoff = Duration::from_millis(100);
         if update.snapshot || pending.is_some() {
@@ -175,13 +200,26 @@ async fn follow(
         }
         *resume = (update.epoch.clone(), update.revision);
         state.stale.store(update.stale, Ordering::Release);
-        // Saving is O(routes): at most once a second under churn, and always a snapshot.
-        if let Some(path) = &src.cache
-            && (update.snapshot || last_saved.elapsed() >= Duration::from_secs(1))
-        {
-            save(path, store, &update.epoch, update.revision);
-            *last_saved = tokio::time::Instant::now();
+        // Saving is O(routes): at once for a snapshot, else at most once a second under churn
+        // and when the stream goes quiet (above).
+        if update.snapshot || last_saved.elapsed() >= Duration::from_secs(1) {
+            save_cache(src, store, resume, last_saved);
+            dirty = false;
+        } else {
+            dirty = src.cache.is_some();
         }
+    }
+}
+
+fn save_cache(
+    src: &RouteSyncSource,
+    store: &RouteStore,
+    resume: &(String, u64),
+    last_saved: &mut tokio::time::Instant,
+) {
+    if let Some(path) = &src.cache {
+        save(path, store, &resume.0, resume.1);
+        *last_saved = tokio::time::Instant::now();
     }
 }
 
