@@ -132,8 +132,10 @@ routes:
 async fn slow_clients_cannot_hold_a_shared_port_open() {
     let mesh = Mesh::new();
     let port = free_port();
+    // Two routes on the port, so the egress must peek to tell them apart.
     let yaml = format!(
-        "routes:\n  - {{name: web.apps.internal, port: {port}, protocol: http, home_cluster: k8s}}\n"
+        "routes:\n  - {{name: web.apps.internal, port: {port}, protocol: http, home_cluster: k8s}}\n  \
+         - {{name: www.apps.internal, port: {port}, protocol: http, home_cluster: k8s}}\n"
     );
     let mut cfg = EgressConfig::with_peers(vec![PeerConfig {
         cluster: "k8s".into(),
@@ -170,4 +172,65 @@ async fn slow_clients_cannot_hold_a_shared_port_open() {
     assert!(r.is_err() || buf.is_empty());
     eventually(|| ctx.metrics.refused_total("no_route") >= 1).await;
     running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_one_remote_route_uses_needs_no_host_or_sni() {
+    let (raw, _) = echo_backend("RAW:").await;
+    let (web, _) = echo_backend("WEB:").await;
+    let sole = free_port();
+    let busy = free_port();
+    let yaml = format!(
+        r#"
+routes:
+  - {{name: raw.apps.internal, port: {sole}, home_cluster: k8s, exported: true,
+     allowed_peers: [cluster:diego], backends: ["{raw}"]}}
+  - {{name: web.apps.internal, port: {busy}, protocol: http, home_cluster: k8s, exported: true,
+     allowed_peers: [cluster:diego], backends: ["{web}"]}}
+  - {{name: www.apps.internal, port: {busy}, protocol: http, home_cluster: k8s, exported: true,
+     allowed_peers: [cluster:diego], backends: ["{web}"]}}
+  - {{name: home.apps.internal, port: {busy}, home_cluster: diego}}
+"#
+    );
+    let mesh = Mesh::new();
+    let (ingress_addr, ingress) =
+        start_ingress(mesh.context("k8s", &routes(&yaml)), ingress_cfg()).await;
+    let mut cfg = EgressConfig::with_peers(vec![PeerConfig {
+        cluster: "k8s".into(),
+        endpoints: vec![ingress_addr],
+        transport: Transport::Tcp,
+        fallback_to_tcp: false,
+    }]);
+    cfg.listen_address = Some("127.0.0.1".parse().unwrap());
+    let ctx = mesh.context("diego", &routes(&yaml));
+    let egress = isthmus_gateway::egress::Egress::bind(ctx.clone(), cfg)
+        .await
+        .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let force = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(egress.run(shutdown.clone(), force.clone()));
+    let sole_addr: std::net::SocketAddr = format!("127.0.0.1:{sole}").parse().unwrap();
+    let busy_addr: std::net::SocketAddr = format!("127.0.0.1:{busy}").parse().unwrap();
+    eventually(|| std::net::TcpStream::connect(busy_addr).is_ok()).await;
+    eventually(|| std::net::TcpStream::connect(sole_addr).is_ok()).await;
+
+    // Opaque bytes on the port only raw.apps.internal uses: straight through.
+    let out = within(exchange(sole_addr, b"\x00\x01binary"))
+        .await
+        .unwrap();
+    assert_eq!(out, b"RAW:\x00\x01binary");
+    // Two remote routes share the other port (the local one does not count): opaque bytes
+    // name neither and are refused, a Host header still picks one.
+    let r = within(exchange(busy_addr, b"\x00\x00\x00\x00\r\n\r\n")).await;
+    assert!(r.is_err() || r.unwrap().is_empty());
+    let request = format!("GET / HTTP/1.1\r\nHost: www.apps.internal:{busy}\r\n\r\n");
+    let out = within(exchange(busy_addr, request.as_bytes()))
+        .await
+        .unwrap();
+    assert_eq!(out, [b"WEB:".as_slice(), request.as_bytes()].concat());
+
+    shutdown.cancel();
+    force.cancel();
+    within(task).await.unwrap();
+    ingress.stop().await;
 }

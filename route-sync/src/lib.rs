@@ -19,6 +19,7 @@ pub mod model;
 pub mod node;
 pub mod persist;
 pub mod proto;
+pub mod service;
 pub mod source;
 pub mod status;
 pub mod table;

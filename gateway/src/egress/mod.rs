@@ -5,6 +5,8 @@
 //! - on a **shared** listener (one per port of any route homed elsewhere, bound on
 //!   `listen_address`), the local address the connection arrived on, when it lies in the VIP
 //!   range, names the route through the same deterministic [`VipMap`] the DNS shim uses;
+//! - a port that exactly one remote route uses names that route: raw TCP and
+//!   server-speaks-first protocols need no Host or SNI on the shared address;
 //! - otherwise the gateway peeks the HTTP/1.x `Host` header or the TLS SNI (bounded in time
 //!   and bytes) and replays the peeked bytes into the tunnel.
 //!
@@ -18,7 +20,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::{BufMut as _, Bytes, BytesMut};
 use isthmus_route_sync::vip::{VipMap, VipRange};
 use isthmus_route_sync::{RouteKey, RouteName};
@@ -54,6 +56,8 @@ struct Shared {
     limit: Arc<Semaphore>,
     vip_range: Option<VipRange>,
     vips: ArcSwapOption<VipMap>,
+    /// Ports that exactly one remote route uses, and that route.
+    sole: ArcSwap<HashMap<u16, RouteKey>>,
 }
 
 impl Egress {
@@ -88,6 +92,7 @@ impl Egress {
                 limit,
                 vip_range,
                 vips: ArcSwapOption::empty(),
+                sole: ArcSwap::default(),
             }),
             dedicated,
         })
@@ -165,6 +170,7 @@ async fn follow_table(
             }
         }
         let wanted: std::collections::BTreeSet<u16> = remote.iter().map(|r| r.key.port).collect();
+        shared.sole.store(Arc::new(sole_routes(&remote)));
         listeners.retain(|port, stop| {
             let keep = wanted.contains(port);
             if !keep {
@@ -203,6 +209,21 @@ async fn follow_table(
             next = watch.changed() => table = next,
         }
     }
+}
+
+/// The ports exactly one of `remote` uses, each with its route.
+fn sole_routes(remote: &[&Arc<isthmus_route_sync::Route>]) -> HashMap<u16, RouteKey> {
+    let mut by_port: HashMap<u16, Option<RouteKey>> = HashMap::new();
+    for r in remote {
+        by_port
+            .entry(r.key.port)
+            .and_modify(|only| *only = None)
+            .or_insert_with(|| Some(r.key.clone()));
+    }
+    by_port
+        .into_iter()
+        .filter_map(|(port, only)| Some((port, only?)))
+        .collect()
 }
 
 async fn accept_loop(
@@ -346,6 +367,9 @@ async fn identify(
             .ok_or_else(|| Refusal::NoRoute(format!("VIP {} names no route", local.ip())))?;
         let name = RouteName::parse(name).map_err(|e| Refusal::NoRoute(e.to_string()))?;
         return Ok((RouteKey::new(name, local.port()), Bytes::new()));
+    }
+    if let Some(key) = shared.sole.load().get(&local.port()) {
+        return Ok((key.clone(), Bytes::new()));
     }
     let max = shared.cfg.peek_max_bytes;
     let peeked = timeout(shared.cfg.peek_timeout.get(), async {

@@ -1,0 +1,133 @@
+//! The route-sync process: config in, a running node (gRPC, admin, file source) out.
+//!
+//! `isthmus-route-sync` is a thin shell around [`run`] and [`status`]; the two-cluster
+//! harness (`isthmus-tests`) runs the same code in its own processes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use isthmus_certs::{MeshTls, PeerPolicy, PeerRule, TlsFiles};
+use isthmus_runtime::admin::{AdminServer, Health};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RouteSyncConfig;
+use crate::model::ClusterName;
+use crate::node::{Node, NodeSettings, PeerSpec};
+use crate::proto;
+use crate::source::file::FileSource;
+
+fn load_tls(cfg: &RouteSyncConfig) -> anyhow::Result<(MeshTls, TlsFiles)> {
+    let files = TlsFiles {
+        cert: cfg.tls.cert.clone(),
+        key: cfg.tls.key.clone(),
+        bundle: cfg.tls.bundle.clone(),
+    };
+    let tls = MeshTls::load(&files).context("loading the route-sync certificates")?;
+    Ok((tls, files))
+}
+
+/// Runs a node from its configuration until `stop` is cancelled, then drains.
+///
+/// # Errors
+/// The certificates do not load, or the gRPC or admin address cannot be bound.
+pub async fn run(cfg: RouteSyncConfig, stop: CancellationToken) -> anyhow::Result<()> {
+    let (tls, files) = load_tls(&cfg)?;
+    let settings = NodeSettings {
+        cluster: ClusterName::parse(&cfg.cluster)?,
+        trust_domain: cfg.trust_domain.clone(),
+        tls: tls.clone(),
+        peers: cfg
+            .peers
+            .iter()
+            .map(|p| {
+                Ok(PeerSpec {
+                    cluster: ClusterName::parse(&p.cluster)?,
+                    endpoints: p.endpoints.clone(),
+                })
+            })
+            .collect::<Result<_, crate::InvalidRoute>>()?,
+        state_dir: cfg.state_dir.clone(),
+        handshake_timeout: Duration::from_secs(5),
+    };
+    let node = Node::bind(settings, cfg.listen)
+        .await
+        .with_context(|| format!("binding route-sync gRPC on {}", cfg.listen))?;
+    let mut registry = prometheus_client::registry::Registry::default();
+    node.metrics().register(&mut registry);
+    let health = Health::new();
+    let admin = AdminServer::bind(cfg.admin.listen, Arc::new(registry), health.clone())
+        .await
+        .with_context(|| format!("binding the admin server on {}", cfg.admin.listen))?;
+    let _reload = tls.watch(files, cfg.tls.reload_interval.get(), stop.clone());
+
+    // The local source: first load decides freshness; then the file is watched.
+    let source = FileSource::new(&cfg.source.file);
+    let handle = node.handle();
+    match source.apply(&node.local_store()) {
+        Ok(_) => handle.local_loaded(),
+        Err(e) => tracing::error!("{e}; serving the last known local routes until it loads"),
+    }
+    let _watch = source.clone().watch(
+        node.local_store(),
+        cfg.source.poll_interval.get(),
+        stop.clone(),
+    );
+    {
+        // Mark fresh once the file loads, and keep health's stale flag current.
+        let handle = handle.clone();
+        let health = health.clone();
+        let stats = source.stats();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                if stats.loads_ok.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+                    handle.local_loaded();
+                }
+                health.set_stale(handle.is_stale());
+            }
+        });
+    }
+    tracing::info!(addr = %node.local_addr()?, "route-sync serving");
+    let admin_task = tokio::spawn(admin.serve(stop.clone()));
+    health.set_ready();
+    node.run(stop.clone()).await;
+    health.set_not_ready("stopped");
+    let _ = admin_task.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Asks a running node (`server`, else the config's `listen`) for its status, rendered as
+/// text.
+///
+/// # Errors
+/// The certificates do not load, or the node does not answer within 5 s.
+pub async fn status(cfg: &RouteSyncConfig, server: Option<SocketAddr>) -> anyhow::Result<String> {
+    let (tls, _) = load_tls(cfg)?;
+    let mut addr = server.unwrap_or(cfg.listen);
+    if addr.ip().is_unspecified() {
+        addr.set_ip([127, 0, 0, 1].into());
+    }
+    let policy = PeerPolicy::new(vec![PeerRule::TrustDomain {
+        trust_domain: cfg.trust_domain.clone(),
+        path_prefix: format!("/cluster/{}", cfg.cluster),
+    }]);
+    let channel = crate::grpc::channel(addr, tls.client_config(policy, &[b"h2"]))?;
+    let mut client = proto::route_sync_client::RouteSyncClient::new(channel);
+    let reply = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.status(proto::StatusRequest {}),
+    )
+    .await
+    .with_context(|| format!("route-sync at {addr} did not answer within 5 s"))?
+    .with_context(|| format!("asking route-sync at {addr} for its status"))?
+    .into_inner();
+    Ok(crate::status::render(&reply, &tls.trust_anchors()))
+}
