@@ -196,6 +196,9 @@ fn default_conn_window() -> u32 {
 fn default_idle() -> HumanDuration {
     HumanDuration::from_secs(300)
 }
+fn default_route_wait() -> HumanDuration {
+    HumanDuration::from_secs(1)
+}
 fn default_peek_bytes() -> usize {
     16 * 1024
 }
@@ -277,6 +280,12 @@ pub struct EgressConfig {
     /// Bytes read at most to find a Host header or SNI.
     #[serde(default = "default_peek_bytes")]
     pub peek_max_bytes: usize,
+    /// How long a connection for a route this gateway does not know as remote (yet) waits
+    /// for the route table to catch up before it is refused. The DNS shim and the egress
+    /// follow route-sync separately; when a route moves here to another cluster, the shim
+    /// may answer with the egress a moment before the egress's own table has moved.
+    #[serde(default = "default_route_wait")]
+    pub route_wait: HumanDuration,
     /// Concurrent app connections; beyond it new ones are closed at once.
     #[serde(default = "default_max_conns")]
     pub max_connections: usize,
@@ -336,6 +345,7 @@ impl EgressConfig {
             dedicated: Vec::new(),
             peek_timeout: default_handshake(),
             peek_max_bytes: default_peek_bytes(),
+            route_wait: default_route_wait(),
             max_connections: default_max_conns(),
             pool: PoolConfig::default(),
         }

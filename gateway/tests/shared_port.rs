@@ -234,3 +234,73 @@ routes:
     within(task).await.unwrap();
     ingress.stop().await;
 }
+
+/// A route moving away: its port is open while it is still local, and a connection that
+/// arrives a moment before the egress's table has moved waits for it instead of failing.
+/// Moving back: a connection that still reaches the egress is served locally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_moving_away_finds_its_port_open_and_waits_for_the_table() {
+    let (web, _) = echo_backend("K8S:").await;
+    let port = free_port();
+    let remote = format!(
+        r#"
+routes:
+  - {{name: orders.apps.internal, port: {port}, protocol: http, home_cluster: k8s,
+     exported: true, allowed_peers: [cluster:diego], backends: ["{web}"]}}
+"#
+    );
+    let local = format!(
+        "routes:\n  - {{name: orders.apps.internal, port: {port}, protocol: http, home_cluster: diego}}\n"
+    );
+    let mesh = Mesh::new();
+    let (ingress_addr, ingress) =
+        start_ingress(mesh.context("k8s", &routes(&remote)), ingress_cfg()).await;
+    let mut cfg = EgressConfig::with_peers(vec![PeerConfig {
+        cluster: "k8s".into(),
+        endpoints: vec![ingress_addr],
+        transport: Transport::Tcp,
+        fallback_to_tcp: false,
+    }]);
+    cfg.listen_address = Some("127.0.0.1".parse().unwrap());
+    let diego_routes = routes(&local);
+    let ctx = mesh.context("diego", &diego_routes);
+    let egress = isthmus_gateway::egress::Egress::bind(ctx.clone(), cfg)
+        .await
+        .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let force = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(egress.run(shutdown.clone(), force.clone()));
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // Only a local route uses the port, and it is open already.
+    eventually(|| std::net::TcpStream::connect(addr).is_ok()).await;
+
+    // The app's request arrives while orders is still local here; the table moves a moment
+    // later; the request goes through.
+    let request = format!("GET / HTTP/1.1\r\nHost: orders.apps.internal:{port}\r\n\r\n");
+    let call = tokio::spawn(async move { exchange(addr, request.as_bytes()).await });
+    // Let the request reach the egress first (ordering only; nothing here asserts timing).
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let moved = routes(&remote);
+    diego_routes.replace_all(moved.snapshot().iter().map(|r| (**r).clone()));
+    let out = within(call).await.unwrap().unwrap();
+    assert!(out.starts_with(b"K8S:GET / HTTP/1.1"), "{out:?}");
+    assert_eq!(ctx.metrics.refused_total("local_route"), 0);
+
+    // The route comes home (rollback) while apps still hold the egress's address: their
+    // connections are served by the local backends, not refused.
+    let (home, _) = echo_backend("DIEGO:").await;
+    let back = routes(&format!(
+        "routes:\n  - {{name: orders.apps.internal, port: {port}, protocol: http, \
+         home_cluster: diego, exported: true, backends: [\"{home}\"]}}\n"
+    ));
+    diego_routes.replace_all(back.snapshot().iter().map(|r| (**r).clone()));
+    let request = format!("GET / HTTP/1.1\r\nHost: orders.apps.internal:{port}\r\n\r\n");
+    let out = within(exchange(addr, request.as_bytes())).await.unwrap();
+    assert!(out.starts_with(b"DIEGO:GET / HTTP/1.1"), "{out:?}");
+    assert_eq!(ctx.metrics.refused_total("local_route"), 0);
+
+    shutdown.cancel();
+    force.cancel();
+    within(task).await.unwrap();
+    ingress.stop().await;
+}

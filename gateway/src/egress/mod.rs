@@ -10,8 +10,13 @@
 //! - otherwise the gateway peeks the HTTP/1.x `Host` header or the TLS SNI (bounded in time
 //!   and bytes) and replays the peeked bytes into the tunnel.
 //!
-//! Shared listeners follow the route table: a port appears when a remote route needs it and
-//! goes away when none does; connections already accepted are not touched.
+//! Shared listeners follow the route table: a port is open while any route uses it, local
+//! ones included, so a route that moves to another cluster finds its port already open; it
+//! closes when no route does; connections already accepted are not touched. A connection
+//! for a route the table does not know (yet) waits up to `route_wait` for the table to
+//! catch up before it is refused, and one for a route homed here (it just came back) is
+//! served from the route's local backends: the DNS shim and the egress follow route-sync
+//! separately, and either may see a move first.
 
 pub mod pool;
 
@@ -58,6 +63,8 @@ struct Shared {
     vips: ArcSwapOption<VipMap>,
     /// Ports that exactly one remote route uses, and that route.
     sole: ArcSwap<HashMap<u16, RouteKey>>,
+    /// Round-robin start among a local route's backends.
+    next_backend: std::sync::atomic::AtomicUsize,
 }
 
 impl Egress {
@@ -93,6 +100,7 @@ impl Egress {
                 vip_range,
                 vips: ArcSwapOption::empty(),
                 sole: ArcSwap::default(),
+                next_backend: std::sync::atomic::AtomicUsize::new(0),
             }),
             dedicated,
         })
@@ -146,7 +154,7 @@ impl Egress {
     }
 }
 
-/// Keeps one shared listener per port of remote routes, and the VIP map, in step with the
+/// Keeps one shared listener per port of any route, and the VIP map, in step with the
 /// route table until `shutdown`.
 async fn follow_table(
     shared: &Arc<Shared>,
@@ -169,7 +177,7 @@ async fn follow_table(
                 Err(e) => tracing::error!("VIP allocation failed, keeping the previous map: {e}"),
             }
         }
-        let wanted: std::collections::BTreeSet<u16> = remote.iter().map(|r| r.key.port).collect();
+        let wanted: std::collections::BTreeSet<u16> = table.iter().map(|r| r.key.port).collect();
         shared.sole.store(Arc::new(sole_routes(&remote)));
         listeners.retain(|port, stop| {
             let keep = wanted.contains(port);
@@ -277,17 +285,11 @@ async fn handle(
 ) {
     let _ = socket.set_nodelay(true);
     let ctx = &shared.ctx;
-    let table = ctx.routes.snapshot();
-    let found = identify(shared, &mut socket, &mode).await;
-    let (route, peeked) = match found.and_then(|(key, peeked)| {
-        let route = table
-            .get(&key)
-            .ok_or_else(|| Refusal::NoRoute(format!("{key} is not a known route")))?;
-        if route.home_cluster == ctx.cluster {
-            return Err(Refusal::LocalRoute(key.to_string()));
-        }
-        Ok((Arc::clone(route), peeked))
-    }) {
+    let found = match identify(shared, &mut socket, &mode).await {
+        Ok((key, peeked)) => find_route(shared, &key).await.map(|route| (route, peeked)),
+        Err(refusal) => Err(refusal),
+    };
+    let (route, peeked) = match found {
         Ok(found) => found,
         Err(refusal) => {
             let label = match &mode {
@@ -301,6 +303,10 @@ async fn handle(
             return;
         }
     };
+    if route.home_cluster == ctx.cluster {
+        hairpin(shared, socket, peeked, &route, force).await;
+        return;
+    }
     let labels = ConnLabels {
         route: route.key.to_string(),
         direction: Direction::Egress,
@@ -342,6 +348,109 @@ async fn handle(
         OpenedStream::Closed => {}
     }
     drop(opened);
+}
+
+/// The route `key` names: a remote one, or a local one with backends (served here without
+/// a tunnel). Anything else waits up to `route_wait` for the table to catch up.
+async fn find_route(
+    shared: &Shared,
+    key: &RouteKey,
+) -> Result<Arc<isthmus_route_sync::Route>, Refusal> {
+    let ctx = &shared.ctx;
+    let check = |table: &isthmus_route_sync::RouteTable| match table.get(key) {
+        None => Err(Refusal::NoRoute(format!("{key} is not a known route"))),
+        Some(route) if route.home_cluster == ctx.cluster && route.backends.is_empty() => {
+            Err(Refusal::LocalRoute(key.to_string()))
+        }
+        Some(route) => Ok(Arc::clone(route)),
+    };
+    let mut watch = ctx.routes.subscribe();
+    let mut verdict = check(&watch.current());
+    if verdict.is_ok() {
+        return verdict;
+    }
+    let deadline = tokio::time::Instant::now() + shared.cfg.route_wait.get();
+    while verdict.is_err() {
+        match tokio::time::timeout_at(deadline, watch.changed()).await {
+            Ok(table) => verdict = check(&table),
+            Err(_) => break,
+        }
+    }
+    verdict
+}
+
+/// Serves a connection for a route homed here from one of its backends, without a tunnel.
+///
+/// Apps reach a local route through the egress only in the moment a route moves back here:
+/// the DNS shim answered with the egress just before the route came home. Serving it
+/// locally, rather than refusing, keeps that moment free of failures.
+async fn hairpin(
+    shared: &Shared,
+    mut socket: TcpStream,
+    peeked: Bytes,
+    route: &isthmus_route_sync::Route,
+    force: CancellationToken,
+) {
+    let ctx = &shared.ctx;
+    let route_label = route.key.to_string();
+    let n = route.backends.len();
+    let start = shared
+        .next_backend
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut backend = None;
+    for i in 0..n {
+        let b = &route.backends[(start + i) % n];
+        match timeout(
+            shared.cfg.pool.connect_timeout.get(),
+            TcpStream::connect((b.host(), b.port())),
+        )
+        .await
+        {
+            Ok(Ok(stream)) => {
+                backend = Some(stream);
+                break;
+            }
+            Ok(Err(e)) => tracing::debug!(route = %route_label, "local backend {b}: {e}"),
+            Err(_) => tracing::debug!(route = %route_label, "local backend {b}: connect timed out"),
+        }
+    }
+    let Some(mut backend) = backend else {
+        ctx.metrics.fail(
+            &route_label,
+            Direction::Egress,
+            ctx.cluster.as_str(),
+            "backend_unreachable",
+        );
+        tracing::warn!(route = %route_label, "no local backend of a route that came home answered");
+        reset(socket);
+        return;
+    };
+    let _ = backend.set_nodelay(true);
+    tracing::debug!(route = %route_label, "route is homed here; serving it without a tunnel");
+    let labels = ConnLabels {
+        route: route_label,
+        direction: Direction::Egress,
+        peer_cluster: ctx.cluster.to_string(),
+    };
+    ctx.metrics.opened.get_or_create(&labels).inc();
+    let carried = async {
+        tokio::io::AsyncWriteExt::write_all(&mut backend, &peeked).await?;
+        tokio::io::copy_bidirectional(&mut socket, &mut backend).await
+    };
+    let result = tokio::select! {
+        r = carried => r.map(|_| ()),
+        () = force.cancelled() => Err(io::Error::other("closed by drain deadline")),
+    };
+    ctx.metrics.closed.get_or_create(&labels).inc();
+    if let Err(e) = result {
+        ctx.metrics.fail(
+            &labels.route,
+            Direction::Egress,
+            &labels.peer_cluster,
+            "stream_error",
+        );
+        tracing::info!(route = %labels.route, "hairpinned connection broke: {e}");
+    }
 }
 
 /// Finds the route key of a connection, and the bytes peeked to find it.
