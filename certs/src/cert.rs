@@ -19,6 +19,14 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, CertsError> {
     spiffe_id_in(&x509, "certificate")
 }
 
+/// The serial number of a certificate, as lowercase hex (what `inspect` and logs show).
+///
+/// # Errors
+/// [`CertsError::BadCertificate`] if the DER does not parse.
+pub fn serial_of(cert: &CertificateDer<'_>) -> Result<String, CertsError> {
+    Ok(serial_hex(&parse(cert, "certificate", 0)?))
+}
+
 /// Parses one certificate, refusing trailing bytes.
 pub(crate) fn parse<'a>(
     der: &'a CertificateDer<'_>,

@@ -34,7 +34,7 @@ mod verify;
 
 use std::sync::{Arc, OnceLock};
 
-pub use cert::spiffe_id_of;
+pub use cert::{serial_of, spiffe_id_of};
 pub use error::CertsError;
 pub use material::{Identity, TrustBundle};
 pub use mesh::{MeshTls, ReloadStatus, TlsFiles};

@@ -319,6 +319,17 @@ pub struct PoolConfig {
     /// Flow-control window per connection, in bytes.
     #[serde(default = "default_conn_window")]
     pub connection_window: u32,
+    /// A QUIC connection that hears nothing from its ingress for this long is closed as
+    /// dead, and its endpoint tried after the others for a while; keep-alives go out at a
+    /// quarter of it. A killed ingress replica sends no close and UDP gets no reset, so this
+    /// is how fast the pool moves to another replica. Streams of a connection declared dead
+    /// break, so keep it above the worst pause the link between the clusters may have.
+    #[serde(default = "default_dead_after")]
+    pub dead_after: HumanDuration,
+}
+
+fn default_dead_after() -> HumanDuration {
+    HumanDuration::from_secs(1)
 }
 
 impl Default for PoolConfig {
@@ -331,6 +342,7 @@ impl Default for PoolConfig {
             response_timeout: default_handshake(),
             stream_window: default_stream_window(),
             connection_window: default_conn_window(),
+            dead_after: default_dead_after(),
         }
     }
 }
@@ -458,6 +470,9 @@ impl Validate for EgressConfig {
                     "an address to bind (e.g. 0.0.0.0) when vip_range is set",
                 ));
             }
+        }
+        if self.pool.dead_after.get() < std::time::Duration::from_millis(100) {
+            return Err(FieldError::new("pool.dead_after", "at least 100ms"));
         }
         if self.peek_max_bytes < 512 {
             return Err(FieldError::new("peek_max_bytes", "at least 512 bytes"));

@@ -120,7 +120,7 @@ pub(crate) fn quic_transport(
     max_streams: u32,
     stream_window: u32,
     connection_window: u32,
-    idle: Duration,
+    liveness: Liveness,
 ) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(max_streams.into());
@@ -129,12 +129,23 @@ pub(crate) fn quic_transport(
     t.receive_window(connection_window.into());
     t.send_window(u64::from(connection_window));
     // Keep-alives well inside the idle timeout keep a pooled connection up while it carries
-    // long-lived, quiet streams; the pool closes connections idle of streams itself.
-    t.keep_alive_interval(Some(Duration::from_secs(10)));
-    if let Ok(idle) = quinn::IdleTimeout::try_from(idle.max(Duration::from_secs(30))) {
+    // long-lived, quiet streams; the pool closes connections idle of streams itself. The
+    // idle timeout is what notices a peer that vanished (a killed replica sends no close;
+    // UDP gets no reset).
+    t.keep_alive_interval(Some(liveness.keep_alive));
+    if let Ok(idle) = quinn::IdleTimeout::try_from(liveness.dead_after) {
         t.max_idle_timeout(Some(idle));
     }
     t
+}
+
+/// How a QUIC connection keeps itself alive and notices a dead peer.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Liveness {
+    /// A PING when nothing else was sent for this long.
+    pub keep_alive: Duration,
+    /// Closed as dead after hearing nothing for this long (the lower of both sides' wins).
+    pub dead_after: Duration,
 }
 
 /// Pumps one tunneled connection with its metrics: opened/active/closed, bytes, and a

@@ -93,6 +93,8 @@ struct Conn {
     kind: ConnKind,
     streams: AtomicU32,
     closed: Arc<AtomicBool>,
+    /// Closed by the pool itself (idle), not by the peer or the network.
+    reaped: AtomicBool,
     idle_since: Mutex<Instant>,
     stream_gauge: Gauge,
 }
@@ -109,6 +111,7 @@ impl Conn {
     }
 
     fn close(&self) {
+        self.reaped.store(true, Ordering::Release);
         self.closed.store(true, Ordering::Release);
         if let ConnKind::Quic(c) = &self.kind {
             c.close(quinn::VarInt::from_u32(0), b"idle");
@@ -169,7 +172,10 @@ impl Pool {
                     cfg.max_streams_per_connection,
                     cfg.stream_window,
                     cfg.connection_window,
-                    cfg.idle_timeout.get(),
+                    crate::Liveness {
+                        keep_alive: cfg.dead_after.get() / 4,
+                        dead_after: cfg.dead_after.get(),
+                    },
                 )));
                 Some(client)
             } else {
@@ -253,6 +259,10 @@ impl Pool {
                     });
                 }
                 Err(Attempt::Retry(error, status)) => {
+                    if status.is_none() {
+                        // Broken, not busy: prefer the other endpoints for a while.
+                        *lock(&endpoint.down_until) = Some(Instant::now() + ENDPOINT_BACKOFF);
+                    }
                     tracing::debug!(endpoint = %endpoint.addr, route = %route.key, "{error}");
                     last_error = format!("{}: {error}", endpoint.addr);
                     last_status = status;
@@ -372,7 +382,14 @@ impl Pool {
     fn take_slot(&self, endpoint: &Endpoint) -> Option<Arc<Conn>> {
         let max = self.cfg.max_streams_per_connection;
         let mut conns = lock(&endpoint.conns);
-        conns.retain(|c| !c.is_closed());
+        conns.retain(|c| {
+            let closed = c.is_closed();
+            if closed && !c.reaped.load(Ordering::Acquire) {
+                // It died under us (peer gone, reset, drained): other endpoints first.
+                *lock(&endpoint.down_until) = Some(Instant::now() + ENDPOINT_BACKOFF);
+            }
+            !closed
+        });
         // Fill the busiest connection that has room: keeps the number of connections low
         // and lets idle ones age out.
         let mut best: Option<&Arc<Conn>> = None;
@@ -468,6 +485,7 @@ impl Pool {
             kind: ConnKind::H2(send_request),
             streams: AtomicU32::new(0),
             closed,
+            reaped: AtomicBool::new(false),
             idle_since: Mutex::new(Instant::now()),
             stream_gauge: metrics.pool_streams.get_or_create(&labels).clone(),
         })
@@ -511,6 +529,7 @@ impl Pool {
             kind: ConnKind::Quic(connection),
             streams: AtomicU32::new(0),
             closed,
+            reaped: AtomicBool::new(false),
             idle_since: Mutex::new(Instant::now()),
             stream_gauge: metrics.pool_streams.get_or_create(&labels).clone(),
         })

@@ -4,6 +4,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use isthmus_certs::SpiffeId;
@@ -34,7 +35,11 @@ pub(super) fn endpoint(
         cfg.max_streams_per_connection,
         cfg.stream_window,
         cfg.connection_window,
-        cfg.idle_timeout.get(),
+        // The egress side picks how fast a dead peer is noticed (the lower value wins).
+        crate::Liveness {
+            keep_alive: Duration::from_secs(10),
+            dead_after: cfg.idle_timeout.get().max(Duration::from_secs(30)),
+        },
     );
     server.transport_config(Arc::new(transport));
     quinn::Endpoint::server(server, addr)
