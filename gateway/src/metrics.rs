@@ -3,19 +3,33 @@
 //! Label sets stay small and bounded by configuration: route names come from the route table,
 //! never from what a client sent, so a scanner cannot blow up cardinality.
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 /// Which role handled a connection.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Direction {
     /// App in this cluster to a route homed elsewhere.
     Egress,
     /// Caller from another cluster to a route homed here.
     Ingress,
+}
+
+impl prometheus_client::encoding::EncodeLabelValue for Direction {
+    /// `egress` / `ingress`: label values in Prometheus' lower-case style.
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write as _;
+        encoder.write_str(match self {
+            Direction::Egress => "egress",
+            Direction::Ingress => "ingress",
+        })
+    }
 }
 
 /// Labels of one tunneled connection.

@@ -158,7 +158,7 @@ fn gateway_binaries_tunnel_follow_route_edits_and_drain_on_sigterm() {
     assert_eq!(echo(&mut established, b"hello").unwrap(), b"hello");
     let metrics = http_get(diego_admin, "/metrics");
     assert!(
-        metrics.contains("isthmus_gateway_connections_opened_total{route=\"orders.apps.internal:8080\",direction=\"Egress\",peer_cluster=\"k8s\"} 1"),
+        metrics.contains("isthmus_gateway_connections_opened_total{route=\"orders.apps.internal:8080\",direction=\"egress\",peer_cluster=\"k8s\"} 1"),
         "{metrics}"
     );
 
