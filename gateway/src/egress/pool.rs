@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -81,7 +81,17 @@ struct Endpoint {
     conns: Mutex<Vec<Arc<Conn>>>,
     dial: tokio::sync::Mutex<()>,
     down_until: Mutex<Option<Instant>>,
+    /// How many times it was marked down: a dial waiting behind a failing one gives up.
+    failures: AtomicU64,
     quic_broken_until: Mutex<Option<Instant>>,
+}
+
+impl Endpoint {
+    /// Tried only after the healthy endpoints for [`ENDPOINT_BACKOFF`].
+    fn mark_down(&self) {
+        *lock(&self.down_until) = Some(Instant::now() + ENDPOINT_BACKOFF);
+        self.failures.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 enum ConnKind {
@@ -190,6 +200,7 @@ impl Pool {
                         conns: Mutex::new(Vec::new()),
                         dial: tokio::sync::Mutex::new(()),
                         down_until: Mutex::new(None),
+                        failures: AtomicU64::new(0),
                         quic_broken_until: Mutex::new(None),
                     })
                 })
@@ -261,7 +272,7 @@ impl Pool {
                 Err(Attempt::Retry(error, status)) => {
                     if status.is_none() {
                         // Broken, not busy: prefer the other endpoints for a while.
-                        *lock(&endpoint.down_until) = Some(Instant::now() + ENDPOINT_BACKOFF);
+                        endpoint.mark_down();
                     }
                     tracing::debug!(endpoint = %endpoint.addr, route = %route.key, "{error}");
                     last_error = format!("{}: {error}", endpoint.addr);
@@ -290,7 +301,7 @@ impl Pool {
         src: SocketAddr,
     ) -> Result<Opened, Attempt> {
         let conn = self.checkout(peer, endpoint).await.map_err(|e| {
-            *lock(&endpoint.down_until) = Some(Instant::now() + ENDPOINT_BACKOFF);
+            endpoint.mark_down();
             Attempt::Retry(e, None)
         })?;
         let guard = StreamGuard(Arc::clone(&conn));
@@ -367,10 +378,15 @@ impl Pool {
         if let Some(conn) = self.take_slot(endpoint) {
             return Ok(conn);
         }
+        let failures = endpoint.failures.load(Ordering::Acquire);
         let _dialling = endpoint.dial.lock().await;
         // Someone may have dialled while we waited.
         if let Some(conn) = self.take_slot(endpoint) {
             return Ok(conn);
+        }
+        // Or failed: one stalled dial to a dead endpoint is enough; go elsewhere.
+        if endpoint.failures.load(Ordering::Acquire) != failures {
+            return Err("the endpoint failed while this stream waited to dial it".into());
         }
         let conn = Arc::new(self.dial(peer, endpoint).await?);
         conn.streams.store(1, Ordering::Release);
@@ -386,7 +402,7 @@ impl Pool {
             let closed = c.is_closed();
             if closed && !c.reaped.load(Ordering::Acquire) {
                 // It died under us (peer gone, reset, drained): other endpoints first.
-                *lock(&endpoint.down_until) = Some(Instant::now() + ENDPOINT_BACKOFF);
+                endpoint.mark_down();
             }
             !closed
         });
