@@ -16,7 +16,7 @@ use isthmus_certs::{MeshTls, PeerPolicy, PeerRule};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::model::{ClusterName, RouteKey};
+use crate::model::{ClusterName, Route, RouteKey};
 use crate::proto;
 use crate::table::RouteStore;
 
@@ -134,7 +134,10 @@ async fn follow(
         .await
         .map_err(|e| format!("watch refused: {}", e.message()))?
         .into_inner();
-    let mut pending: Option<Vec<proto::Route>> = None;
+    // A chunked snapshot or delta (`more`) is decoded message by message and applied whole:
+    // only its validated routes are held, never its wire form.
+    let mut pending: Option<(bool, Vec<Route>, Vec<RouteKey>)> = None;
+    let mut names = proto::Names::default();
     // Changes applied but not yet saved: saved once the stream goes quiet or ends, so the
     // cache trails the table by at most a moment even under churn.
     let mut dirty = false;
@@ -151,7 +154,7 @@ async fn follow(
         } else {
             stream.message().await
         };
-        let update = match next {
+        let mut update = match next {
             Ok(Some(u)) => u,
             Ok(None) => {
                 if dirty {
@@ -167,18 +170,11 @@ async fn follow(
             }
         };
         *backoff = Duration::from_millis(100);
-        if update.snapshot || pending.is_some() {
-            pending
-                .get_or_insert_with(Vec::new)
-                .extend(update.upserts.iter().cloned());
-            if update.more {
-                continue;
-            }
-        }
-        let wire = pending.as_deref().unwrap_or(&update.upserts);
-        let mut routes = Vec::with_capacity(wire.len());
-        for r in wire {
-            match r.to_model() {
+        let (_, routes, removals) =
+            pending.get_or_insert_with(|| (update.snapshot, Vec::new(), Vec::new()));
+        routes.reserve(update.upserts.len());
+        for r in std::mem::take(&mut update.upserts) {
+            match r.to_model_with(&mut names) {
                 Ok(route) => routes.push(route),
                 Err(e) => {
                     state.rejected.fetch_add(1, Ordering::Relaxed);
@@ -186,16 +182,16 @@ async fn follow(
                 }
             }
         }
-        if pending.take().is_some() {
+        removals.extend(update.removals.iter().filter_map(|k| k.to_model().ok()));
+        if update.more {
+            continue;
+        }
+        let (snapshot, routes, removals) = pending.take().unwrap_or_default();
+        if snapshot {
             state.snapshots.fetch_add(1, Ordering::Relaxed);
             store.replace_all(routes);
         } else {
             state.deltas.fetch_add(1, Ordering::Relaxed);
-            let removals: Vec<RouteKey> = update
-                .removals
-                .iter()
-                .filter_map(|k| k.to_model().ok())
-                .collect();
             store.apply(routes, removals);
         }
         *resume = (update.epoch.clone(), update.revision);
@@ -225,17 +221,14 @@ fn save_cache(
 
 fn save(path: &std::path::Path, store: &RouteStore, epoch: &str, revision: u64) {
     let table = store.snapshot();
-    let update = proto::Update {
+    let header = proto::Update {
         epoch: epoch.to_string(),
         revision,
         snapshot: true,
-        upserts: table
-            .iter()
-            .map(|r| proto::Route::from_model(r, true))
-            .collect(),
         ..proto::Update::default()
     };
-    if let Err(e) = crate::persist::save(path, &update) {
+    let routes = table.iter().map(|r| proto::Route::from_model(r, true));
+    if let Err(e) = crate::persist::save_routes(path, &header, routes) {
         tracing::warn!("cannot save the route cache {}: {e}", path.display());
     }
 }

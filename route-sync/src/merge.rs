@@ -11,9 +11,11 @@
 //!   conflict with its candidates and winner until only one cluster offers it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use crate::model::{ClusterName, Route, RouteKey};
 use crate::source::Rejected;
+use crate::table::Hasher;
 
 /// A name offered by more than one cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,20 +29,38 @@ pub struct Conflict {
 }
 
 /// The local and imported route sets and their merge.
+///
+/// Routes are held as `Arc<Route>` and handed on as they are: the local store, the merger and
+/// the merged table of a node share one copy of each route.
 #[derive(Debug)]
 pub struct Merger {
     cluster: ClusterName,
-    local: HashMap<RouteKey, Route>,
-    imported: BTreeMap<ClusterName, HashMap<RouteKey, Route>>,
+    local: Routes,
+    imported: BTreeMap<ClusterName, Routes>,
 }
+
+/// One cluster's routes, by key.
+type Routes = HashMap<RouteKey, Arc<Route>, Hasher>;
 
 /// Upserts and removals that bring the merged table in line.
 #[derive(Debug, Default)]
 pub struct MergeDelta {
-    /// Routes to add or replace.
-    pub upserts: Vec<Route>,
+    /// Routes to add or replace, shared with the merger.
+    pub upserts: Vec<Arc<Route>>,
     /// Keys to remove.
     pub removals: Vec<RouteKey>,
+}
+
+/// Puts `route` in `set`, unless an equal route is there already: that one stays, so the
+/// `Arc` the merged table holds stays shared. True when the set changed.
+fn put(set: &mut Routes, route: Arc<Route>) -> bool {
+    match set.get(&route.key) {
+        Some(prev) if Arc::ptr_eq(prev, &route) || prev.same_content(&route) => false,
+        _ => {
+            set.insert(route.key.clone(), route);
+            true
+        }
+    }
 }
 
 impl Merger {
@@ -48,7 +68,7 @@ impl Merger {
     pub fn new(cluster: ClusterName) -> Self {
         Self {
             cluster,
-            local: HashMap::new(),
+            local: Routes::default(),
             imported: BTreeMap::new(),
         }
     }
@@ -58,36 +78,57 @@ impl Merger {
         &self.cluster
     }
 
+    fn homed_elsewhere(&self, route: &Route) -> Rejected {
+        Rejected {
+            entry: "local source".into(),
+            route: Some(route.key.to_string()),
+            reason: format!(
+                "homed in {}, not in this cluster ({}); routes of other clusters come from peering",
+                route.home_cluster, self.cluster
+            ),
+        }
+    }
+
     /// Replaces the local routes; returns the keys whose winner may have changed, and the
-    /// routes refused (homed elsewhere).
-    pub fn set_local(&mut self, routes: Vec<Route>) -> (HashSet<RouteKey>, Vec<Rejected>) {
+    /// routes refused (homed elsewhere). The routes are shared with the caller (the local
+    /// store's `Arc`s).
+    pub fn set_local(
+        &mut self,
+        routes: impl IntoIterator<Item = Arc<Route>>,
+    ) -> (HashSet<RouteKey>, Vec<Rejected>) {
+        let routes = routes.into_iter();
         let mut rejected = Vec::new();
-        let mut next = HashMap::with_capacity(routes.len());
+        let mut prev = std::mem::take(&mut self.local);
+        self.local.reserve(routes.size_hint().0);
+        let mut affected = HashSet::new();
         for route in routes {
             if route.home_cluster != self.cluster {
-                rejected.push(Rejected {
-                    entry: "local source".into(),
-                    route: Some(route.key.to_string()),
-                    reason: format!(
-                        "homed in {}, not in this cluster ({}); routes of other clusters come from peering",
-                        route.home_cluster, self.cluster
-                    ),
-                });
+                rejected.push(self.homed_elsewhere(&route));
                 continue;
             }
-            next.insert(route.key.clone(), route);
+            let old = if prev.is_empty() {
+                None
+            } else {
+                prev.remove(&route.key)
+            };
+            let route = match old {
+                Some(old) if Arc::ptr_eq(&old, &route) || old.same_content(&route) => old,
+                _ => {
+                    affected.insert(route.key.clone());
+                    route
+                }
+            };
+            self.local.insert(route.key.clone(), route);
         }
-        let mut affected: HashSet<RouteKey> = self.local.keys().cloned().collect();
-        affected.extend(next.keys().cloned());
-        self.local = next;
+        affected.extend(prev.into_keys());
         (affected, rejected)
     }
 
     /// Applies a change of the local routes.
     pub fn local_delta(
         &mut self,
-        upserts: Vec<Route>,
-        removals: Vec<RouteKey>,
+        upserts: impl IntoIterator<Item = Arc<Route>>,
+        removals: impl IntoIterator<Item = RouteKey>,
     ) -> (HashSet<RouteKey>, Vec<Rejected>) {
         let mut affected = HashSet::new();
         let mut rejected = Vec::new();
@@ -98,27 +139,22 @@ impl Merger {
         }
         for route in upserts {
             if route.home_cluster != self.cluster {
-                rejected.push(Rejected {
-                    entry: "local source".into(),
-                    route: Some(route.key.to_string()),
-                    reason: format!(
-                        "homed in {}, not in this cluster ({}); routes of other clusters come from peering",
-                        route.home_cluster, self.cluster
-                    ),
-                });
+                rejected.push(self.homed_elsewhere(&route));
                 if self.local.remove(&route.key).is_some() {
                     affected.insert(route.key.clone());
                 }
                 continue;
             }
-            affected.insert(route.key.clone());
-            self.local.insert(route.key.clone(), route);
+            let key = route.key.clone();
+            if put(&mut self.local, route) {
+                affected.insert(key);
+            }
         }
         (affected, rejected)
     }
 
-    /// The routes imported from `peer`.
-    pub fn imported(&self, peer: &ClusterName) -> impl Iterator<Item = &Route> {
+    /// The routes imported from `peer` (shared with the merged table).
+    pub fn imported(&self, peer: &ClusterName) -> impl Iterator<Item = &Arc<Route>> {
         self.imported
             .get(peer)
             .into_iter()
@@ -126,7 +162,7 @@ impl Merger {
     }
 
     /// Checks a route imported from `peer`: homed there, exported, stripped of backends.
-    fn admit(&self, peer: &ClusterName, mut route: Route) -> Result<Route, Rejected> {
+    fn admit(&self, peer: &ClusterName, mut route: Arc<Route>) -> Result<Arc<Route>, Rejected> {
         let reject = |reason: String| Rejected {
             entry: format!("peer {peer}"),
             route: Some(route.key.to_string()),
@@ -144,7 +180,10 @@ impl Merger {
         if *peer == self.cluster {
             return Err(reject("a peer claims this cluster's name".into()));
         }
-        route.backends.clear();
+        if !route.backends.is_empty() {
+            // Copies only when shared; peers never send backends, so this is rare.
+            Arc::make_mut(&mut route).backends = Vec::new();
+        }
         Ok(route)
     }
 
@@ -152,23 +191,36 @@ impl Merger {
     pub fn import_snapshot(
         &mut self,
         peer: &ClusterName,
-        routes: Vec<Route>,
+        routes: impl IntoIterator<Item = Arc<Route>>,
     ) -> (HashSet<RouteKey>, Vec<Rejected>) {
+        let routes = routes.into_iter();
         let mut rejected = Vec::new();
-        let mut next = HashMap::with_capacity(routes.len());
+        let mut prev = self.imported.remove(peer).unwrap_or_default();
+        let mut next = Routes::with_capacity_and_hasher(routes.size_hint().0, Hasher::default());
+        let mut affected = HashSet::new();
         for route in routes {
             match self.admit(peer, route) {
                 Ok(route) => {
+                    // A route the peer sent before, unchanged, keeps its `Arc`.
+                    let old = if prev.is_empty() {
+                        None
+                    } else {
+                        prev.remove(&route.key)
+                    };
+                    let route = match old {
+                        Some(old) if old.same_content(&route) => old,
+                        _ => {
+                            affected.insert(route.key.clone());
+                            route
+                        }
+                    };
                     next.insert(route.key.clone(), route);
                 }
                 Err(r) => rejected.push(r),
             }
         }
-        let prev = self.imported.insert(peer.clone(), next).unwrap_or_default();
-        let mut affected: HashSet<RouteKey> = prev.into_keys().collect();
-        if let Some(now) = self.imported.get(peer) {
-            affected.extend(now.keys().cloned());
-        }
+        affected.extend(prev.into_keys());
+        self.imported.insert(peer.clone(), next);
         (affected, rejected)
     }
 
@@ -177,12 +229,12 @@ impl Merger {
     pub fn import_delta(
         &mut self,
         peer: &ClusterName,
-        upserts: Vec<Route>,
-        removals: Vec<RouteKey>,
+        upserts: impl IntoIterator<Item = Arc<Route>>,
+        removals: impl IntoIterator<Item = RouteKey>,
     ) -> (HashSet<RouteKey>, Vec<Rejected>) {
         let mut rejected = Vec::new();
         let mut affected = HashSet::new();
-        let mut admitted = Vec::with_capacity(upserts.len());
+        let mut admitted = Vec::new();
         for route in upserts {
             let key = route.key.clone();
             match self.admit(peer, route) {
@@ -204,33 +256,28 @@ impl Merger {
             }
         }
         for route in admitted {
-            affected.insert(route.key.clone());
-            set.insert(route.key.clone(), route);
+            let key = route.key.clone();
+            if put(set, route) {
+                affected.insert(key);
+            }
         }
         (affected, rejected)
     }
 
-    /// Every candidate for `key`, the winner first.
-    fn candidates(&self, key: &RouteKey) -> Vec<&Route> {
-        let mut out = Vec::new();
-        if let Some(r) = self.local.get(key) {
-            out.push(r);
-        }
-        // BTreeMap order: lowest cluster name first.
-        for set in self.imported.values() {
-            if let Some(r) = set.get(key) {
-                out.push(r);
-            }
-        }
-        out
+    /// The route served for `key`: the local one, else the lowest cluster's (the imports
+    /// are a `BTreeMap`, lowest cluster name first).
+    fn winner(&self, key: &RouteKey) -> Option<&Arc<Route>> {
+        self.local
+            .get(key)
+            .or_else(|| self.imported.values().find_map(|set| set.get(key)))
     }
 
     /// What the merged table must do for `keys`.
     pub fn resolve(&self, keys: impl IntoIterator<Item = RouteKey>) -> MergeDelta {
         let mut delta = MergeDelta::default();
         for key in keys {
-            match self.candidates(&key).first() {
-                Some(route) => delta.upserts.push((*route).clone()),
+            match self.winner(&key) {
+                Some(route) => delta.upserts.push(Arc::clone(route)),
                 None => delta.removals.push(key),
             }
         }
@@ -238,13 +285,13 @@ impl Merger {
     }
 
     /// Every route of the merged table.
-    pub fn all(&self) -> Vec<Route> {
+    pub fn all(&self) -> Vec<Arc<Route>> {
         let mut keys: BTreeSet<&RouteKey> = self.local.keys().collect();
         for set in self.imported.values() {
             keys.extend(set.keys());
         }
         keys.into_iter()
-            .filter_map(|k| self.candidates(k).first().map(|r| (*r).clone()))
+            .filter_map(|k| self.winner(k).cloned())
             .collect()
     }
 
@@ -297,8 +344,8 @@ mod tests {
     use super::*;
     use crate::model::{Backend, Protocol, RouteName};
 
-    fn route(name: &str, home: &str, exported: bool) -> Route {
-        Route {
+    fn route(name: &str, home: &str, exported: bool) -> Arc<Route> {
+        Arc::new(Route {
             key: RouteKey::new(RouteName::parse(name).unwrap(), 8080),
             protocol: Protocol::Tcp,
             home_cluster: ClusterName::parse(home).unwrap(),
@@ -307,7 +354,7 @@ mod tests {
             backends: vec![Backend::parse("10.0.0.1:8080").unwrap()],
             weights: Default::default(),
             revision: 0,
-        }
+        })
     }
 
     fn c(s: &str) -> ClusterName {
@@ -369,6 +416,40 @@ mod tests {
         m.import_delta(&c("k8s"), vec![], vec![key.clone()]);
         assert_eq!(m.resolve([key.clone()]).removals, [key]);
         assert!(m.conflicts().is_empty());
+    }
+
+    #[test]
+    fn unchanged_routes_keep_their_arc_and_affect_nothing() {
+        let mut m = Merger::new(c("diego"));
+        // As peers send them: without backends.
+        let imported = || {
+            let mut r = (*route("a.apps.internal", "k8s", true)).clone();
+            r.backends.clear();
+            Arc::new(r)
+        };
+        let first = imported();
+        let (affected, _) = m.import_snapshot(&c("k8s"), vec![Arc::clone(&first)]);
+        assert_eq!(affected.len(), 1);
+        // The peer sends the same route again (a reconnect): a new `Arc`, equal content.
+        let again = imported();
+        let (affected, _) = m.import_snapshot(&c("k8s"), vec![again.clone()]);
+        assert!(affected.is_empty(), "{affected:?}");
+        let (affected, _) = m.import_delta(&c("k8s"), vec![again], vec![]);
+        assert!(affected.is_empty(), "{affected:?}");
+        let kept = m.imported(&c("k8s")).next().unwrap();
+        assert!(
+            Arc::ptr_eq(kept, &first),
+            "the merged table's copy stays the one"
+        );
+
+        // Local routes are shared with the local store as they are.
+        let local = route("b.apps.internal", "diego", true);
+        let (affected, _) = m.set_local(vec![Arc::clone(&local)]);
+        assert_eq!(affected.len(), 1);
+        let winner = m.resolve(affected).upserts.pop().unwrap();
+        assert!(Arc::ptr_eq(&winner, &local));
+        let (affected, _) = m.set_local(vec![Arc::clone(&local)]);
+        assert!(affected.is_empty());
     }
 
     #[test]

@@ -24,6 +24,42 @@ pub fn save(path: &Path, update: &proto::Update) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// Writes a snapshot to `path` atomically, as [`save`] does: `header` (its epoch, revision
+/// and flags; its own upserts too) followed by `routes`, encoded one at a time as they come,
+/// so a table of 250,000 routes is never held a second time, in wire form, to be saved. The
+/// file decodes as one `Update` whose upserts are all of them.
+///
+/// # Errors
+/// Any I/O error; the previous file is then untouched.
+pub fn save_routes(
+    path: &Path,
+    header: &proto::Update,
+    routes: impl IntoIterator<Item = proto::Route>,
+) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+    file.write_all(&header.encode_to_vec())?;
+    // Protobuf concatenates repeated fields: an `Update` holding one route encodes as that
+    // route's `upserts` entry alone, appended after the header.
+    let mut one = proto::Update::default();
+    let mut buf = Vec::new();
+    for route in routes {
+        one.upserts.push(route);
+        buf.clear();
+        one.encode(&mut buf)?;
+        one.upserts.clear();
+        file.write_all(&buf)?;
+    }
+    let file = file
+        .into_inner()
+        .map_err(std::io::IntoInnerError::into_error)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)
+}
+
 /// Reads a saved update; `None` when there is no file. A file that does not decode is an
 /// error, never silently an empty table.
 ///
@@ -47,10 +83,11 @@ pub fn load(path: &Path) -> std::io::Result<Option<proto::Update>> {
 /// Decodes saved routes into the model, skipping (and counting) any that no longer validate.
 pub fn routes_of(update: &proto::Update) -> (Vec<crate::Route>, usize) {
     let mut bad = 0;
+    let mut names = proto::Names::default();
     let routes = update
         .upserts
         .iter()
-        .filter_map(|r| match r.to_model() {
+        .filter_map(|r| match r.to_model_with(&mut names) {
             Ok(route) => Some(route),
             Err(_) => {
                 bad += 1;
@@ -59,4 +96,37 @@ pub fn routes_of(update: &proto::Update) -> (Vec<crate::Route>, usize) {
         })
         .collect();
     (routes, bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_saved_one_at_a_time_load_as_one_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let route = |name: &str| proto::Route {
+            name: name.into(),
+            port: 80,
+            home_cluster: "k8s".into(),
+            ..proto::Route::default()
+        };
+        let header = proto::Update {
+            epoch: "e1".into(),
+            revision: 42,
+            snapshot: true,
+            cluster: "k8s".into(),
+            ..proto::Update::default()
+        };
+        let routes = vec![route("a.apps.internal"), route("b.apps.internal")];
+        let streamed = dir.path().join("streamed.pb");
+        save_routes(&streamed, &header, routes.clone()).unwrap();
+        let whole = proto::Update {
+            upserts: routes,
+            ..header.clone()
+        };
+        assert_eq!(load(&streamed).unwrap().unwrap(), whole);
+        let (loaded, bad) = routes_of(&load(&streamed).unwrap().unwrap());
+        assert_eq!((loaded.len(), bad), (2, 0));
+    }
 }

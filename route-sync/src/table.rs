@@ -6,7 +6,7 @@
 //! swap it in whole, and wake every [`RouteWatch`]. Unchanged routes keep their `Arc`, so a
 //! consumer can diff two snapshots cheaply.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -16,38 +16,124 @@ use crate::model::{Route, RouteKey, RouteName};
 
 /// An immutable, consistent set of routes at one revision.
 ///
-/// The maps are persistent (`imbl`): the next table shares every untouched node with this
-/// one, so one route changing in a table of 250,000 costs O(log n), not a copy.
+/// The map is persistent (`imbl`): the next table shares every untouched node with this
+/// one, so one route changing in a table of 250,000 costs O(log n), not a copy. It is keyed
+/// by name alone: a name almost always has one port, so one map answers both lookups by
+/// `name:port` and by name, at about half the memory of a map per lookup.
 #[derive(Debug, Default, Clone)]
 pub struct RouteTable {
     revision: u64,
-    routes: imbl::HashMap<RouteKey, Arc<Route>>,
-    by_name: imbl::HashMap<RouteName, Vec<Arc<Route>>>,
+    len: usize,
+    by_name: imbl::GenericHashMap<RouteName, Ports, Hasher, imbl::shared_ptr::DefaultSharedPtr>,
+}
+
+/// The hasher of the route maps: fast on short names, and seeded per process (SipHash cost a
+/// sixth of a 250,000-route sync).
+pub(crate) type Hasher = foldhash::fast::RandomState;
+
+/// The routes of one name, sorted by port. One port needs no allocation of its own.
+#[derive(Debug, Clone)]
+enum Ports {
+    One(Arc<Route>),
+    /// Two or more, sorted by port.
+    Many(Vec<Arc<Route>>),
+}
+
+impl Ports {
+    fn as_slice(&self) -> &[Arc<Route>] {
+        match self {
+            Ports::One(route) => std::slice::from_ref(route),
+            Ports::Many(routes) => routes,
+        }
+    }
+
+    fn get(&self, port: u16) -> Option<&Arc<Route>> {
+        match self {
+            Ports::One(route) => (route.key.port == port).then_some(route),
+            Ports::Many(routes) => routes
+                .binary_search_by_key(&port, |r| r.key.port)
+                .ok()
+                .map(|i| &routes[i]),
+        }
+    }
+
+    /// Adds or replaces the route of its port; true when it was added.
+    fn upsert(&mut self, route: Arc<Route>) -> bool {
+        match self {
+            Ports::One(only) if only.key.port == route.key.port => {
+                *only = route;
+                false
+            }
+            Ports::One(only) => {
+                let mut routes = vec![Arc::clone(only), route];
+                routes.sort_by_key(|r| r.key.port);
+                *self = Ports::Many(routes);
+                true
+            }
+            Ports::Many(routes) => {
+                match routes.binary_search_by_key(&route.key.port, |r| r.key.port) {
+                    Ok(i) => {
+                        routes[i] = route;
+                        false
+                    }
+                    Err(i) => {
+                        routes.insert(i, route);
+                        true
+                    }
+                }
+            }
+        }
+    }
+
+    /// Removes the route of `port`; true when there was one. Leaves `Many` with at least one.
+    fn remove(&mut self, port: u16) -> bool {
+        let Ports::Many(routes) = self else {
+            return false;
+        };
+        let Ok(i) = routes.binary_search_by_key(&port, |r| r.key.port) else {
+            return false;
+        };
+        routes.remove(i);
+        if routes.len() == 1 {
+            *self = Ports::One(routes.remove(0));
+        }
+        true
+    }
 }
 
 impl RouteTable {
+    /// Adds or replaces `route` under its key.
     fn upsert(&mut self, route: Arc<Route>) {
-        let key = route.key.clone();
-        let list = self.by_name.entry(key.name.clone()).or_default();
-        match list.iter().position(|r| r.key.port >= key.port) {
-            Some(i) if list[i].key.port == key.port => list[i] = Arc::clone(&route),
-            Some(i) => list.insert(i, Arc::clone(&route)),
-            None => list.push(Arc::clone(&route)),
+        let added = match self.by_name.get_mut(&route.key.name) {
+            Some(ports) => ports.upsert(route),
+            None => {
+                self.by_name
+                    .insert(route.key.name.clone(), Ports::One(route));
+                true
+            }
+        };
+        if added {
+            self.len += 1;
         }
-        self.routes.insert(key, route);
     }
 
     fn remove(&mut self, key: &RouteKey) -> bool {
-        if self.routes.remove(key).is_none() {
-            return false;
-        }
-        if let Some(list) = self.by_name.get_mut(&key.name) {
-            list.retain(|r| r.key.port != key.port);
-            if list.is_empty() {
+        let removed = match self.by_name.get(&key.name) {
+            None => false,
+            Some(Ports::One(only)) if only.key.port == key.port => {
                 self.by_name.remove(&key.name);
+                true
             }
+            Some(Ports::One(_)) => false,
+            Some(Ports::Many(_)) => self
+                .by_name
+                .get_mut(&key.name)
+                .is_some_and(|ports| ports.remove(key.port)),
+        };
+        if removed {
+            self.len -= 1;
         }
-        true
+        removed
     }
 
     /// The revision of this table; it grows by one with every applied change.
@@ -57,7 +143,7 @@ impl RouteTable {
 
     /// The route with this name and port.
     pub fn get(&self, key: &RouteKey) -> Option<&Arc<Route>> {
-        self.routes.get(key)
+        self.by_name.get(&key.name)?.get(key.port)
     }
 
     /// Every route with this name (any port), sorted by port. `name` must be normalised
@@ -65,29 +151,52 @@ impl RouteTable {
     pub fn by_name(&self, name: &str) -> &[Arc<Route>] {
         // imbl looks keys up by the key type; a name that does not parse has no routes.
         match RouteName::parse(name) {
-            Ok(name) => self.by_name.get(&name).map(Vec::as_slice).unwrap_or(&[]),
+            Ok(name) => self.by_route_name(&name),
             Err(_) => &[],
         }
     }
 
     /// Every route with this name, by an already-parsed name.
     pub fn by_route_name(&self, name: &RouteName) -> &[Arc<Route>] {
-        self.by_name.get(name).map(Vec::as_slice).unwrap_or(&[])
+        self.by_name.get(name).map_or(&[], Ports::as_slice)
     }
 
     /// Every route, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Route>> {
-        self.routes.values()
+        Iter {
+            routes: self.by_name.values().flat_map(Ports::as_slice),
+            left: self.len,
+        }
     }
 
     /// The number of routes.
     pub fn len(&self) -> usize {
-        self.routes.len()
+        self.len
     }
 
     /// Whether the table holds no route.
     pub fn is_empty(&self) -> bool {
-        self.routes.is_empty()
+        self.len == 0
+    }
+}
+
+/// Every route of a table, with an exact length (callers size their collections by it).
+struct Iter<I> {
+    routes: I,
+    left: usize,
+}
+
+impl<'a, I: Iterator<Item = &'a Arc<Route>>> Iterator for Iter<I> {
+    type Item = &'a Arc<Route>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let route = self.routes.next()?;
+        self.left -= 1;
+        Some(route)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
     }
 }
 
@@ -110,15 +219,15 @@ impl Delta {
 /// The changes from `old` to `new`. Routes shared by `Arc` are skipped without comparing.
 pub fn diff(old: &RouteTable, new: &RouteTable) -> Delta {
     let mut delta = Delta::default();
-    for (key, route) in &new.routes {
-        match old.routes.get(key) {
+    for route in new.iter() {
+        match old.get(&route.key) {
             Some(prev) if Arc::ptr_eq(prev, route) || **prev == **route => {}
             _ => delta.upserted.push(Arc::clone(route)),
         }
     }
-    for key in old.routes.keys() {
-        if !new.routes.contains_key(key) {
-            delta.removed.push(key.clone());
+    for route in old.iter() {
+        if new.get(&route.key).is_none() {
+            delta.removed.push(route.key.clone());
         }
     }
     delta
@@ -164,15 +273,62 @@ struct ChangeLog {
 }
 
 impl ChangeLog {
-    fn record(&mut self, revision: u64, keys: impl IntoIterator<Item = RouteKey>) {
-        for key in keys {
-            self.entries.push_back((revision, key));
+    /// Records the keys changed at `revision`, forgetting the oldest entries beyond the
+    /// capacity. The log never holds more than its capacity, not even for a moment: a
+    /// 250,000-route load into a store with a small log allocates nothing here.
+    fn record(&mut self, revision: u64, keys: Vec<RouteKey>) {
+        if keys.len() > self.capacity {
+            // Only watchers older than `revision` could use these entries, and they would
+            // miss the ones that do not fit: they need a snapshot anyway.
+            self.entries.clear();
+            self.trimmed_through = revision;
+            return;
         }
-        while self.entries.len() > self.capacity {
+        self.trim(self.capacity - keys.len());
+        self.entries
+            .extend(keys.into_iter().map(|key| (revision, key)));
+    }
+
+    /// Drops the oldest entries until at most `keep` remain.
+    fn trim(&mut self, keep: usize) {
+        while self.entries.len() > keep {
             if let Some((rev, _)) = self.entries.pop_front() {
                 self.trimmed_through = rev;
             }
         }
+    }
+}
+
+/// A route on its way into a table: owned routes are stamped with the new revision, shared
+/// ones are stored as they are.
+trait Incoming {
+    fn key(&self) -> &RouteKey;
+    fn route(&self) -> &Route;
+    fn into_stored(self, revision: u64) -> Arc<Route>;
+}
+
+impl Incoming for Route {
+    fn key(&self) -> &RouteKey {
+        &self.key
+    }
+    fn route(&self) -> &Route {
+        self
+    }
+    fn into_stored(mut self, revision: u64) -> Arc<Route> {
+        self.revision = revision;
+        Arc::new(self)
+    }
+}
+
+impl Incoming for Arc<Route> {
+    fn key(&self) -> &RouteKey {
+        &self.key
+    }
+    fn route(&self) -> &Route {
+        self
+    }
+    fn into_stored(self, _: u64) -> Arc<Route> {
+        self
     }
 }
 
@@ -233,18 +389,42 @@ impl RouteStore {
     /// their revision and their `Arc`; new and changed ones take the new revision. Nothing is
     /// published, and no watcher woken, when nothing changed.
     pub fn replace_all(&self, routes: impl IntoIterator<Item = Route>) -> Applied {
-        let mut input: HashMap<RouteKey, Route> = HashMap::new();
-        for route in routes {
-            input.insert(route.key.clone(), route);
-        }
-        let old = self.snapshot();
-        let removals: Vec<RouteKey> = old
-            .routes
-            .keys()
-            .filter(|k| !input.contains_key(*k))
-            .cloned()
-            .collect();
-        self.apply(input.into_values(), removals)
+        self.replace(routes.into_iter().collect())
+    }
+
+    /// As [`RouteStore::replace_all`], storing each route as given: the table shares the
+    /// `Arc` with the caller, and a route keeps the revision it carries (the revision at which
+    /// it changed where it came from) rather than taking this table's. A route-sync node
+    /// uses it to serve the routes of its local store and of its peers without a second copy.
+    pub fn replace_all_shared(&self, routes: impl IntoIterator<Item = Arc<Route>>) -> Applied {
+        self.replace(routes.into_iter().collect())
+    }
+
+    fn replace<R: Incoming>(&self, routes: Vec<R>) -> Applied {
+        self.write(routes, |old, routes| {
+            // The last of each key wins: index the keys (by reference), which also tells
+            // which of the current routes are gone; then drop earlier duplicates.
+            let mut last: HashMap<&RouteKey, usize, Hasher> =
+                HashMap::with_capacity_and_hasher(routes.len(), Hasher::default());
+            for (i, route) in routes.iter().enumerate() {
+                last.insert(route.key(), i);
+            }
+            let removals = old
+                .iter()
+                .filter(|r| !last.contains_key(&r.key))
+                .map(|r| r.key.clone())
+                .collect();
+            if last.len() < routes.len() {
+                let mut keep = vec![false; routes.len()];
+                for &i in last.values() {
+                    keep[i] = true;
+                }
+                drop(last);
+                let mut keep = keep.into_iter();
+                routes.retain(|_| keep.next().unwrap_or(false));
+            }
+            removals
+        })
     }
 
     /// Applies a delta: `upserts` replace or add routes by key, `removals` drop keys. Routes
@@ -255,6 +435,28 @@ impl RouteStore {
         upserts: impl IntoIterator<Item = Route>,
         removals: impl IntoIterator<Item = RouteKey>,
     ) -> Applied {
+        let removals: Vec<RouteKey> = removals.into_iter().collect();
+        self.write(upserts.into_iter().collect(), move |_, _| removals)
+    }
+
+    /// As [`RouteStore::apply`], storing each upsert as given: shared with the caller, with
+    /// the revision it carries (see [`RouteStore::replace_all_shared`]).
+    pub fn apply_shared(
+        &self,
+        upserts: impl IntoIterator<Item = Arc<Route>>,
+        removals: impl IntoIterator<Item = RouteKey>,
+    ) -> Applied {
+        let removals: Vec<RouteKey> = removals.into_iter().collect();
+        self.write(upserts.into_iter().collect(), move |_, _| removals)
+    }
+
+    /// Builds the next table from the current one under the writers' lock: removes what
+    /// `removals` names (given the current table; it may also drop upserts), then upserts.
+    fn write<R: Incoming>(
+        &self,
+        mut upserts: Vec<R>,
+        removals: impl FnOnce(&RouteTable, &mut Vec<R>) -> Vec<RouteKey>,
+    ) -> Applied {
         let mut log = self.inner.write.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.snapshot();
         let next_rev = old.revision + 1;
@@ -264,21 +466,24 @@ impl RouteStore {
         };
         let mut table = (*old).clone();
         let mut changed = Vec::new();
-        for key in removals {
+        for key in removals(&old, &mut upserts) {
             if table.remove(&key) {
                 summary.removed += 1;
                 changed.push(key);
             }
         }
-        for mut route in upserts {
-            match table.routes.get(&route.key) {
-                Some(prev) if prev.same_content(&route) => continue,
+        for route in upserts {
+            match table.get(route.key()) {
+                Some(prev)
+                    if std::ptr::eq(&**prev, route.route()) || prev.same_content(route.route()) =>
+                {
+                    continue;
+                }
                 Some(_) => summary.changed += 1,
                 None => summary.added += 1,
             }
-            route.revision = next_rev;
-            changed.push(route.key.clone());
-            table.upsert(Arc::new(route));
+            changed.push(route.key().clone());
+            table.upsert(route.into_stored(next_rev));
         }
         if !summary.is_change() {
             return summary;
@@ -296,13 +501,23 @@ impl RouteStore {
     /// reaches back that far (the caller then needs a full snapshot). Returns the revision the
     /// answer is current to.
     pub fn changes_since(&self, revision: u64) -> Option<(u64, Delta)> {
+        self.changes_since_within(revision, usize::MAX)
+    }
+
+    /// As [`RouteStore::changes_since`], but also `None` when more than `limit` changes were
+    /// logged after `revision`. Past some size a snapshot is the better answer: it is no
+    /// larger than the delta, and sending it needs no gathering under the writers' lock.
+    pub fn changes_since_within(&self, revision: u64, limit: usize) -> Option<(u64, Delta)> {
         let log = self.inner.write.lock().unwrap_or_else(|e| e.into_inner());
         let table = self.snapshot();
         if revision > table.revision || revision < log.trimmed_through {
             return None;
         }
         let start = log.entries.partition_point(|(rev, _)| *rev <= revision);
-        let mut seen = std::collections::HashSet::new();
+        if log.entries.len() - start > limit {
+            return None;
+        }
+        let mut seen = HashSet::with_hasher(Hasher::default());
         let mut delta = Delta::default();
         for (_, key) in log.entries.range(start..) {
             if !seen.insert(key) {
@@ -320,7 +535,8 @@ impl RouteStore {
     pub fn set_log_capacity(&self, capacity: usize) {
         let mut log = self.inner.write.lock().unwrap_or_else(|e| e.into_inner());
         log.capacity = capacity;
-        log.record(0, std::iter::empty());
+        log.trim(capacity);
+        log.entries.shrink_to(capacity);
     }
 }
 

@@ -417,3 +417,34 @@ async fn three_clusters_share_without_loops() {
     nb.stop().await;
     nc.stop().await;
 }
+
+/// A consumer learns it is fresh even when the table it follows never changes: here it
+/// connects while the node is stale (its peer is not up yet) and the table is empty, then
+/// the peer comes up with nothing exported.
+#[tokio::test]
+async fn consumers_learn_freshness_even_when_the_table_does_not_change() {
+    let ca = MeshCa::generate(TD).unwrap();
+    let (ld, lk) = (listener().await, listener().await);
+    let (ad, ak) = (ld.local_addr().unwrap(), lk.local_addr().unwrap());
+    let diego = start(&ca, "diego", ld, vec![("k8s", ak)], None);
+    let store = RouteStore::new();
+    let cancel = CancellationToken::new();
+    let (state, _) = consumer(&ca, "diego", diego.addr, None).spawn(store.clone(), cancel.clone());
+    eventually(
+        "the node stale while its peer is down",
+        Duration::from_secs(2),
+        || diego.handle.is_stale(),
+    )
+    .await;
+    assert!(state.stale.load(std::sync::atomic::Ordering::Acquire));
+
+    let k8s = start(&ca, "k8s", lk, vec![("diego", ad)], None);
+    eventually("the consumer fresh", Duration::from_secs(5), || {
+        !state.stale.load(std::sync::atomic::Ordering::Acquire)
+    })
+    .await;
+    assert!(store.snapshot().is_empty());
+    cancel.cancel();
+    k8s.stop().await;
+    diego.stop().await;
+}

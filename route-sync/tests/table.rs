@@ -99,3 +99,89 @@ async fn watchers_wake_on_change_and_see_the_newest_table() {
     .unwrap();
     assert_eq!(table.revision(), 2);
 }
+
+#[test]
+fn shared_routes_keep_their_arc_and_revision() {
+    let store = RouteStore::new();
+    let mut a = route("a.apps.internal:80", "k8s");
+    a.revision = 7;
+    let a = Arc::new(a);
+    let applied = store.apply_shared([Arc::clone(&a)], []);
+    assert_eq!((applied.revision, applied.added), (1, 1));
+    let t = store.snapshot();
+    let stored = t.get(&a.key).unwrap();
+    assert!(Arc::ptr_eq(stored, &a), "stored as given, not copied");
+    assert_eq!(stored.revision, 7, "the revision it came with");
+
+    // An equal route in another `Arc` changes nothing; the whole-table form drops the rest.
+    let again = Arc::new((*a).clone());
+    assert!(!store.apply_shared([again], []).is_change());
+    let b = Arc::new(route("b.apps.internal:80", "k8s"));
+    let replaced = store.replace_all_shared([Arc::clone(&b)]);
+    assert_eq!((replaced.added, replaced.removed), (1, 1));
+    assert!(Arc::ptr_eq(store.snapshot().get(&b.key).unwrap(), &b));
+}
+
+#[test]
+fn the_change_log_stays_within_its_capacity() {
+    let store = RouteStore::new();
+    store.set_log_capacity(10);
+    let name = |i: usize| format!("r{i}.apps.internal:80");
+    store.replace_all((0..3).map(|i| route(&name(i), "k8s")));
+    let (rev, delta) = store.changes_since(0).unwrap();
+    assert_eq!((rev, delta.upserted.len()), (1, 3));
+
+    // One change of more keys than the log holds: older watchers need a snapshot, newer
+    // ones are current.
+    store.replace_all((0..20).map(|i| route(&name(i), "diego")));
+    assert!(store.changes_since(1).is_none());
+    let (rev, delta) = store.changes_since(2).unwrap();
+    assert_eq!((rev, delta.is_empty()), (2, true));
+
+    // Small changes are remembered until the log is full, the oldest forgotten first.
+    for i in 0..6 {
+        store.apply([route(&name(i), "k8s")], []);
+    }
+    assert_eq!(store.changes_since(2).unwrap().1.upserted.len(), 6);
+    for i in 6..12 {
+        store.apply([route(&name(i), "k8s")], []);
+    }
+    assert!(
+        store.changes_since(2).is_none(),
+        "12 changes, 10 remembered"
+    );
+    assert_eq!(store.changes_since(4).unwrap().1.upserted.len(), 10);
+
+    // A caller may ask for no more than it is willing to gather.
+    assert!(store.changes_since_within(10, 3).is_none());
+    assert_eq!(
+        store.changes_since_within(10, 4).unwrap().1.upserted.len(),
+        4
+    );
+}
+
+#[test]
+fn names_with_several_ports_keep_their_ports_sorted_as_they_change() {
+    let store = RouteStore::new();
+    store.replace_all([
+        route("a.apps.internal:9090", "k8s"),
+        route("a.apps.internal:80", "k8s"),
+        route("a.apps.internal:443", "k8s"),
+    ]);
+    let port = |t: &isthmus_route_sync::RouteTable| -> Vec<u16> {
+        t.by_name("a.apps.internal")
+            .iter()
+            .map(|r| r.key.port)
+            .collect()
+    };
+    assert_eq!(port(&store.snapshot()), [80, 443, 9090]);
+    let k = |a: &str| RouteKey::parse_authority(a).unwrap();
+    store.apply([], [k("a.apps.internal:443")]);
+    let t = store.snapshot();
+    assert_eq!((port(&t), t.len()), (vec![80, 9090], 2));
+    assert!(t.get(&k("a.apps.internal:443")).is_none());
+    store.apply([], [k("a.apps.internal:80"), k("a.apps.internal:9090")]);
+    let t = store.snapshot();
+    assert!(t.is_empty() && t.by_name("a.apps.internal").is_empty());
+    assert_eq!(t.iter().count(), 0);
+}

@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::merge::Merger;
-use crate::model::{ClusterName, RouteKey};
+use crate::model::{ClusterName, Route, RouteKey};
 use crate::proto;
 use crate::source::Rejected;
 use crate::table::RouteStore;
@@ -27,6 +27,12 @@ mod peer;
 mod service;
 
 pub use metrics::NodeMetrics;
+
+/// How many changed keys the local store remembers. Its only reader is this node's merge
+/// loop, which keeps up; when a source changes more at once (a first load), the loop
+/// re-reads the whole local table, which costs about what the log would have. Peers and
+/// consumers resume from the merged table, whose log stays long.
+const LOCAL_LOG_CAPACITY: usize = 1 << 16;
 
 /// A peer cluster and its route-sync endpoints, tried in turn.
 #[derive(Debug, Clone)]
@@ -94,6 +100,9 @@ pub(crate) struct Shared {
     pub(crate) dirty: tokio::sync::Notify,
     /// Fired when the node stops: ends every Watch stream so the server can shut down.
     pub(crate) shutdown: CancellationToken,
+    /// The last staleness told to watchers: a change is sent to them even when the table
+    /// itself does not change (a consumer of an empty table must still learn it is fresh).
+    pub(crate) freshness: tokio::sync::watch::Sender<bool>,
 }
 
 impl Shared {
@@ -101,6 +110,17 @@ impl Shared {
     pub(crate) fn stale(&self) -> bool {
         !self.local_loaded.load(Ordering::Acquire)
             || self.peers.iter().any(|(_, s)| lock(s).state != "connected")
+    }
+
+    /// Tells watchers when staleness changed. Call after changing what [`Shared::stale`]
+    /// reads, with no peer lock held.
+    pub(crate) fn note_freshness(&self) {
+        let stale = self.stale();
+        self.freshness.send_if_modified(|v| {
+            let changed = *v != stale;
+            *v = stale;
+            changed
+        });
     }
 
     /// Applies merger results for `keys` to the merged table, counting refusals.
@@ -120,7 +140,7 @@ impl Shared {
             return;
         }
         let delta = merger.resolve(keys);
-        let applied = self.merged.apply(delta.upserts, delta.removals);
+        let applied = self.merged.apply_shared(delta.upserts, delta.removals);
         if applied.is_change() {
             self.metrics.applied.inc();
             self.metrics
@@ -162,6 +182,7 @@ impl Node {
         let shared_dir = settings.state_dir.clone();
         // Last known good: local routes and every peer's imports, as saved.
         let local = RouteStore::new();
+        local.set_log_capacity(LOCAL_LOG_CAPACITY);
         if let Some(dir) = &shared_dir {
             match crate::persist::load(&dir.join("local.pb")) {
                 Ok(Some(saved)) => {
@@ -176,8 +197,7 @@ impl Node {
                 Err(e) => tracing::warn!("ignoring saved local routes: {e}"),
             }
         }
-        let local_routes: Vec<_> = local.snapshot().iter().map(|r| (**r).clone()).collect();
-        merger.set_local(local_routes);
+        merger.set_local(local.snapshot().iter().cloned());
         for spec in &settings.peers {
             let mut state = PeerState {
                 state: "connecting",
@@ -189,7 +209,7 @@ impl Node {
                         let (routes, _) = crate::persist::routes_of(&saved);
                         state.epoch = saved.epoch.clone();
                         state.revision = saved.revision;
-                        merger.import_snapshot(&spec.cluster, routes);
+                        merger.import_snapshot(&spec.cluster, routes.into_iter().map(Arc::new));
                         tracing::info!(peer = %spec.cluster, revision = saved.revision, "restored imported routes");
                     }
                     Ok(None) => {}
@@ -198,7 +218,7 @@ impl Node {
             }
             peers.push((spec.clone(), Mutex::new(state)));
         }
-        merged.replace_all(merger.all());
+        merged.replace_all_shared(merger.all());
         metrics.set_counts(&merger, merged.snapshot().len());
         let epoch = format!("{:016x}", rand::random::<u64>());
         Self {
@@ -214,6 +234,7 @@ impl Node {
                 metrics,
                 dirty: tokio::sync::Notify::new(),
                 shutdown: CancellationToken::new(),
+                freshness: tokio::sync::watch::Sender::new(true),
             }),
             listener,
         }
@@ -291,7 +312,7 @@ impl Node {
         }
         cancel.cancel();
         while tasks.join_next().await.is_some() {}
-        save_all(&shared);
+        save_all(&shared, &mut Saved::default());
     }
 }
 
@@ -305,6 +326,7 @@ impl NodeHandle {
     /// Marks the local source fresh (its first good load happened).
     pub fn local_loaded(&self) {
         self.shared.local_loaded.store(true, Ordering::Release);
+        self.shared.note_freshness();
     }
 
     /// Whether the node serves last-known-good data.
@@ -333,7 +355,7 @@ async fn follow_local(shared: Arc<Shared>, cancel: CancellationToken) {
     let mut seen = {
         let table = shared.local.snapshot();
         let mut merger = lock(&shared.merger);
-        let (keys, rejected) = merger.set_local(table.iter().map(|r| (**r).clone()).collect());
+        let (keys, rejected) = merger.set_local(table.iter().cloned());
         shared.apply_merge(&merger, keys, rejected);
         table.revision()
     };
@@ -345,14 +367,12 @@ async fn follow_local(shared: Arc<Shared>, cancel: CancellationToken) {
         let mut merger = lock(&shared.merger);
         let (keys, rejected, revision) = match shared.local.changes_since(seen) {
             Some((revision, delta)) => {
-                let upserts = delta.upserted.iter().map(|r| (**r).clone()).collect();
-                let (keys, rejected) = merger.local_delta(upserts, delta.removed);
+                let (keys, rejected) = merger.local_delta(delta.upserted, delta.removed);
                 (keys, rejected, revision)
             }
             None => {
                 let table = shared.local.snapshot();
-                let (keys, rejected) =
-                    merger.set_local(table.iter().map(|r| (**r).clone()).collect());
+                let (keys, rejected) = merger.set_local(table.iter().cloned());
                 (keys, rejected, table.revision())
             }
         };
@@ -361,58 +381,92 @@ async fn follow_local(shared: Arc<Shared>, cancel: CancellationToken) {
     }
 }
 
-/// Writes last-known-good state at most every 500 ms while it changes.
+/// Writes last-known-good state while it changes: at most every 500 ms, and at most a tenth
+/// of the time. A save is O(routes) (a third of a second at 250,000), so it runs on a
+/// blocking thread, where it delays neither the merge nor any Watch stream.
 async fn persist_loop(shared: Arc<Shared>, cancel: CancellationToken) {
     if shared.settings.state_dir.is_none() {
         return;
     }
+    let mut saved = Saved::default();
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
             () = shared.dirty.notified() => {}
         }
-        save_all(&shared);
+        let started = tokio::time::Instant::now();
+        let task = {
+            let shared = Arc::clone(&shared);
+            tokio::task::spawn_blocking(move || {
+                save_all(&shared, &mut saved);
+                saved
+            })
+        };
+        saved = match task.await {
+            Ok(saved) => saved,
+            Err(e) => {
+                tracing::warn!("saving last-known-good state failed: {e}");
+                Saved::default()
+            }
+        };
+        let pause = (started.elapsed() * 10).max(Duration::from_millis(500));
         tokio::select! {
             () = cancel.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            () = tokio::time::sleep(pause) => {}
         }
     }
 }
 
-fn save_all(shared: &Shared) {
-    let snapshot = |epoch: &str, revision: u64, routes: Vec<proto::Route>| proto::Update {
+/// What was last saved, so that an unchanged file is not written again.
+#[derive(Debug, Default)]
+struct Saved {
+    /// The revision of the local table last saved.
+    local: Option<u64>,
+    /// Per peer, by index: the epoch and revision of the imports last saved.
+    peers: Vec<Option<(String, u64)>>,
+}
+
+/// Saves the local routes and each peer's imports that changed since `saved`, each as a
+/// snapshot, encoded as it is written.
+fn save_all(shared: &Shared, saved: &mut Saved) {
+    let header = |epoch: &str, revision: u64| proto::Update {
         epoch: epoch.to_string(),
         revision,
         snapshot: true,
-        upserts: routes,
         cluster: shared.settings.cluster.to_string(),
         ..proto::Update::default()
     };
     if let Some(path) = shared.state_path("local.pb") {
         let local = shared.local.snapshot();
-        let routes = local
-            .iter()
-            .map(|r| proto::Route::from_model(r, true))
-            .collect();
-        if let Err(e) = crate::persist::save(&path, &snapshot("", local.revision(), routes)) {
-            tracing::warn!("cannot save {}: {e}", path.display());
+        if saved.local != Some(local.revision()) {
+            let routes = local.iter().map(|r| proto::Route::from_model(r, true));
+            match crate::persist::save_routes(&path, &header("", local.revision()), routes) {
+                Ok(()) => saved.local = Some(local.revision()),
+                Err(e) => tracing::warn!("cannot save {}: {e}", path.display()),
+            }
         }
     }
-    let merger = lock(&shared.merger);
-    for (spec, state) in &shared.peers {
+    saved.peers.resize(shared.peers.len(), None);
+    for (i, (spec, state)) in shared.peers.iter().enumerate() {
         let Some(path) = shared.state_path(&format!("peer-{}.pb", spec.cluster)) else {
             continue;
         };
-        let (epoch, revision) = {
+        // The imports and the revision they are current to, taken together; the routes are
+        // shared, so the merger is held only for as long as it takes to count them out.
+        let (at, routes) = {
+            let merger = lock(&shared.merger);
             let s = lock(state);
-            (s.epoch.clone(), s.revision)
+            let at = (s.epoch.clone(), s.revision);
+            if saved.peers[i].as_ref() == Some(&at) {
+                continue;
+            }
+            let routes: Vec<Arc<Route>> = merger.imported(&spec.cluster).cloned().collect();
+            (at, routes)
         };
-        let routes = merger
-            .imported(&spec.cluster)
-            .map(|r| proto::Route::from_model(r, false))
-            .collect();
-        if let Err(e) = crate::persist::save(&path, &snapshot(&epoch, revision, routes)) {
-            tracing::warn!("cannot save {}: {e}", path.display());
+        let wire = routes.iter().map(|r| proto::Route::from_model(r, false));
+        match crate::persist::save_routes(&path, &header(&at.0, at.1), wire) {
+            Ok(()) => saved.peers[i] = Some(at),
+            Err(e) => tracing::warn!("cannot save {}: {e}", path.display()),
         }
     }
 }

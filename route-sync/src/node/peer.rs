@@ -32,6 +32,7 @@ pub(super) async fn run(shared: Arc<Shared>, index: usize, cancel: CancellationT
             s.state = "connecting";
             s.endpoint = addr.to_string();
         }
+        shared.note_freshness();
         let result = tokio::select! {
             () = cancel.cancelled() => return,
             r = follow(&shared, index, addr, Arc::clone(&tls), &mut backoff) => r,
@@ -46,6 +47,7 @@ pub(super) async fn run(shared: Arc<Shared>, index: usize, cancel: CancellationT
             s.state = "disconnected";
             s.last_error = error;
         }
+        shared.note_freshness();
         shared
             .metrics
             .peer_connected
@@ -89,9 +91,10 @@ async fn follow(
     let label = super::metrics::PeerLabel {
         peer: spec.cluster.to_string(),
     };
-    let mut pending: Option<Vec<proto::Route>> = None;
+    let mut names = proto::Names::default();
+    let mut batch: Option<Batch> = None;
     loop {
-        let update = match stream.message().await {
+        let mut update = match stream.message().await {
             Ok(Some(u)) => u,
             Ok(None) => return Ok(()),
             Err(e) => return Err(format!("stream failed: {}", e.message())),
@@ -99,26 +102,27 @@ async fn follow(
         *backoff = Duration::from_millis(100);
         shared.metrics.peer_updates.get_or_create(&label).inc();
         shared.metrics.peer_connected.get_or_create(&label).set(1);
-        if update.snapshot || pending.is_some() {
-            let chunk = pending.get_or_insert_with(Vec::new);
-            chunk.extend(update.upserts.iter().cloned());
-            if update.more {
-                continue;
-            }
+        let b = batch.get_or_insert_with(|| Batch {
+            snapshot: update.snapshot,
+            ..Batch::default()
+        });
+        b.decode(&spec.cluster, &mut names, &update);
+        update.upserts = Vec::new();
+        if update.more {
+            continue;
         }
-        let (routes, mut rejected) =
-            decode(&spec.cluster, pending.as_deref().unwrap_or(&update.upserts));
+        let Batch {
+            snapshot,
+            routes,
+            removals,
+            mut rejected,
+        } = batch.take().unwrap_or_default();
         let mut merger = lock(&shared.merger);
-        let (keys, more_rejected) = if pending.take().is_some() {
+        let (keys, more_rejected) = if snapshot {
             lock(state).snapshots += 1;
             merger.import_snapshot(&spec.cluster, routes)
         } else {
             lock(state).deltas += 1;
-            let removals = update
-                .removals
-                .iter()
-                .filter_map(|k| k.to_model().ok())
-                .collect::<Vec<RouteKey>>();
             merger.import_delta(&spec.cluster, routes, removals)
         };
         rejected.extend(more_rejected);
@@ -147,26 +151,42 @@ async fn follow(
         s.last_update_unix_ms = now;
         s.last_error.clear();
         drop(s);
+        shared.note_freshness();
         shared.dirty.notify_one();
         let _ = shared.rejected.load(Ordering::Relaxed);
     }
 }
 
-/// Decodes wire routes, refusing (with a reason) any the model refuses.
-fn decode(peer: &crate::ClusterName, wire: &[proto::Route]) -> (Vec<Route>, Vec<Rejected>) {
-    let mut routes = Vec::with_capacity(wire.len());
-    let mut rejected = Vec::new();
-    for (i, r) in wire.iter().enumerate() {
-        match r.to_model() {
-            Ok(route) => routes.push(route),
-            Err(e) => rejected.push(Rejected {
-                entry: format!("peer {peer} update entry {i}"),
-                route: Some(format!("{:?}:{}", r.name, r.port)),
-                reason: e.to_string(),
-            }),
+/// An update being received: one message, or the messages of a chunked snapshot or delta
+/// (`more`), applied together. Each message is decoded as it arrives, so only validated
+/// routes are held, never the wire form of the whole update.
+#[derive(Default)]
+struct Batch {
+    snapshot: bool,
+    routes: Vec<Arc<Route>>,
+    removals: Vec<RouteKey>,
+    rejected: Vec<Rejected>,
+}
+
+impl Batch {
+    /// Decodes one message into the batch, refusing (with a reason) any route the model
+    /// refuses.
+    fn decode(&mut self, peer: &crate::ClusterName, names: &mut proto::Names, u: &proto::Update) {
+        let first = self.routes.len() + self.rejected.len();
+        self.routes.reserve(u.upserts.len());
+        for (i, r) in u.upserts.iter().enumerate() {
+            match r.to_model_with(names) {
+                Ok(route) => self.routes.push(Arc::new(route)),
+                Err(e) => self.rejected.push(Rejected {
+                    entry: format!("peer {peer} update entry {}", first + i),
+                    route: Some(format!("{:?}:{}", r.name, r.port)),
+                    reason: e.to_string(),
+                }),
+            }
         }
+        self.removals
+            .extend(u.removals.iter().filter_map(|k| k.to_model().ok()));
     }
-    (routes, rejected)
 }
 
 pub(crate) fn now_ms() -> i64 {

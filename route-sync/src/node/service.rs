@@ -13,11 +13,12 @@ use tonic::{Request, Response, Status};
 use super::peer::now_ms;
 use super::{Shared, lock};
 use crate::grpc::Caller;
-use crate::model::Route;
+use crate::model::{Route, RouteKey};
 use crate::proto;
 use crate::table::{Delta, RouteTable};
 
-/// Routes per message of a chunked snapshot (keeps messages far below gRPC size limits).
+/// Entries per message of a chunked snapshot or delta (keeps messages far below gRPC size
+/// limits, and bounds what either side holds in wire form).
 const CHUNK: usize = 5_000;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -78,40 +79,117 @@ fn header(shared: &Shared, revision: u64) -> proto::Update {
     }
 }
 
-fn snapshot(shared: &Shared, view: View, table: &RouteTable) -> Vec<proto::Update> {
-    let routes: Vec<_> = table
-        .iter()
-        .filter_map(|r| visible(shared, view, r))
-        .collect();
-    let mut out = Vec::new();
-    let mut chunks = routes.chunks(CHUNK).peekable();
-    if chunks.peek().is_none() {
-        let mut u = header(shared, table.revision());
-        u.snapshot = true;
-        return vec![u];
-    }
-    while let Some(chunk) = chunks.next() {
-        let mut u = header(shared, table.revision());
-        u.snapshot = true;
-        u.more = chunks.peek().is_some();
-        u.upserts = chunk.to_vec();
-        out.push(u);
-    }
-    out
+type UpdateSender = tokio::sync::mpsc::Sender<Result<proto::Update, Status>>;
+
+/// The wire form of the next route of `routes` this caller may see.
+fn next_visible<'a>(
+    shared: &Shared,
+    view: View,
+    routes: &mut impl Iterator<Item = &'a Arc<Route>>,
+) -> Option<proto::Route> {
+    routes.find_map(|r| visible(shared, view, r))
 }
 
-fn delta(shared: &Shared, view: View, revision: u64, delta: &Delta) -> proto::Update {
-    let mut u = header(shared, revision);
-    for route in &delta.upserted {
-        match visible(shared, view, route) {
-            Some(r) => u.upserts.push(r),
-            // No longer visible to this caller (unexported, or not ours): a removal.
-            None => u.removals.push(proto::RouteKey::from_model(&route.key)),
+/// Sends `table` as a snapshot in chunks of [`CHUNK`] routes, each built just before it is
+/// sent: the wire form of the whole table is never held at once. False when the caller
+/// went away.
+async fn send_snapshot(shared: &Shared, view: View, table: &RouteTable, tx: &UpdateSender) -> bool {
+    let mut all = table.iter();
+    let mut next = next_visible(shared, view, &mut all);
+    loop {
+        let mut u = header(shared, table.revision());
+        u.snapshot = true;
+        u.upserts.reserve(CHUNK);
+        while u.upserts.len() < CHUNK
+            && let Some(route) = next
+        {
+            u.upserts.push(route);
+            next = next_visible(shared, view, &mut all);
+        }
+        u.more = next.is_some();
+        let last = !u.more;
+        if tx.send(Ok(u)).await.is_err() {
+            return false;
+        }
+        if last {
+            return true;
         }
     }
-    u.removals
-        .extend(delta.removed.iter().map(proto::RouteKey::from_model));
-    u
+}
+
+/// One entry of a delta as a caller sees it.
+enum Change {
+    Upsert(proto::Route),
+    Removal(proto::RouteKey),
+}
+
+/// The next entry of a delta: a changed route this caller may see, a removal when it no
+/// longer may (unexported, or not ours), then the removed keys.
+fn next_change<'a>(
+    shared: &Shared,
+    view: View,
+    upserted: &mut impl Iterator<Item = &'a Arc<Route>>,
+    removed: &mut impl Iterator<Item = &'a RouteKey>,
+) -> Option<Change> {
+    if let Some(route) = upserted.next() {
+        return Some(match visible(shared, view, route) {
+            Some(r) => Change::Upsert(r),
+            None => Change::Removal(proto::RouteKey::from_model(&route.key)),
+        });
+    }
+    removed
+        .next()
+        .map(|key| Change::Removal(proto::RouteKey::from_model(key)))
+}
+
+/// Sends `delta` (current to `revision`) in messages of at most [`CHUNK`] entries, each built
+/// just before it is sent; all but the last say `more`, and the caller applies them together.
+/// An empty delta is sent as one empty message only when `always`. False when the caller
+/// went away.
+async fn send_delta(
+    shared: &Shared,
+    view: View,
+    revision: u64,
+    delta: &Delta,
+    always: bool,
+    tx: &UpdateSender,
+) -> bool {
+    let (mut upserted, mut removed) = (delta.upserted.iter(), delta.removed.iter());
+    let mut next = next_change(shared, view, &mut upserted, &mut removed);
+    if next.is_none() && !always {
+        return true;
+    }
+    loop {
+        let mut u = header(shared, revision);
+        let mut entries = 0;
+        while entries < CHUNK
+            && let Some(change) = next
+        {
+            match change {
+                Change::Upsert(r) => u.upserts.push(r),
+                Change::Removal(k) => u.removals.push(k),
+            }
+            entries += 1;
+            next = next_change(shared, view, &mut upserted, &mut removed);
+        }
+        u.more = next.is_some();
+        let last = !u.more;
+        if tx.send(Ok(u)).await.is_err() {
+            return false;
+        }
+        if last {
+            return true;
+        }
+    }
+}
+
+/// What changed in the merged table after `revision`; `None` when the caller needs a
+/// snapshot: the log no longer reaches back, or more changed than half the table (and more
+/// than a chunk), so the snapshot is the smaller answer. A peer connected before the first
+/// load of the source gets the load as a snapshot this way.
+fn changes(shared: &Shared, revision: u64) -> Option<(u64, Delta)> {
+    let limit = (shared.merged.snapshot().len() / 2).max(CHUNK);
+    shared.merged.changes_since_within(revision, limit)
 }
 
 type UpdateStream = Pin<Box<dyn Stream<Item = Result<proto::Update, Status>> + Send>>;
@@ -127,30 +205,25 @@ impl proto::route_sync_server::RouteSync for RouteSyncService {
         let view = self.view(&request)?;
         let req = request.into_inner();
         let shared = Arc::clone(&self.shared);
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<proto::Update, Status>>(8);
+        let (tx, rx): (UpdateSender, _) = tokio::sync::mpsc::channel(8);
         tokio::spawn(async move {
             // Subscribe first, so no change between the first answer and the loop is lost.
             let mut watch = shared.merged.subscribe();
+            let mut freshness = shared.freshness.subscribe();
             let resume = (req.epoch == shared.epoch)
-                .then(|| shared.merged.changes_since(req.revision))
+                .then(|| changes(&shared, req.revision))
                 .flatten();
             let mut sent = match resume {
                 Some((revision, d)) => {
-                    if tx
-                        .send(Ok(delta(&shared, view, revision, &d)))
-                        .await
-                        .is_err()
-                    {
+                    if !send_delta(&shared, view, revision, &d, true, &tx).await {
                         return;
                     }
                     revision
                 }
                 None => {
                     let table = shared.merged.snapshot();
-                    for u in snapshot(&shared, view, &table) {
-                        if tx.send(Ok(u)).await.is_err() {
-                            return;
-                        }
+                    if !send_snapshot(&shared, view, &table, &tx).await {
+                        return;
                     }
                     table.revision()
                 }
@@ -160,29 +233,31 @@ impl proto::route_sync_server::RouteSync for RouteSyncService {
                     () = tx.closed() => return,
                     () = shared.shutdown.cancelled() => return,
                     _ = watch.changed() => {}
-                }
-                let updates = match shared.merged.changes_since(sent) {
-                    Some((revision, d)) if d.is_empty() => {
-                        sent = revision;
+                    Ok(()) = freshness.changed() => {
+                        // Staleness alone changed: an update with no routes says so.
+                        freshness.borrow_and_update();
+                        if tx.send(Ok(header(&shared, sent))).await.is_err() {
+                            return;
+                        }
                         continue;
                     }
-                    Some((revision, d)) => {
-                        let u = delta(&shared, view, revision, &d);
+                }
+                match changes(&shared, sent) {
+                    Some((revision, d)) if d.is_empty() => {
                         sent = revision;
-                        if view == View::Peer && u.upserts.is_empty() && u.removals.is_empty() {
-                            continue;
+                    }
+                    Some((revision, d)) => {
+                        sent = revision;
+                        if !send_delta(&shared, view, revision, &d, false, &tx).await {
+                            return;
                         }
-                        vec![u]
                     }
                     None => {
                         let table = shared.merged.snapshot();
                         sent = table.revision();
-                        snapshot(&shared, view, &table)
-                    }
-                };
-                for u in updates {
-                    if tx.send(Ok(u)).await.is_err() {
-                        return;
+                        if !send_snapshot(&shared, view, &table, &tx).await {
+                            return;
+                        }
                     }
                 }
             }

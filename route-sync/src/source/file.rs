@@ -28,7 +28,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{InvalidRoute, SourceError};
-use crate::model::{Backend, ClusterName, PeerSelector, Protocol, Route, RouteKey, RouteName};
+use crate::model::{
+    Backend, ClusterName, PeerSelector, Protocol, Route, RouteKey, RouteName, parse_list,
+};
 use crate::source::Rejected;
 use crate::table::{Applied, RouteStore};
 
@@ -80,16 +82,8 @@ impl RawRoute {
             Some(p) => p.parse()?,
             None => Protocol::default(),
         };
-        let allowed_peers = self
-            .allowed_peers
-            .iter()
-            .map(|p| PeerSelector::parse(p))
-            .collect::<Result<Vec<_>, _>>()?;
-        let backends = self
-            .backends
-            .iter()
-            .map(|b| Backend::parse(b))
-            .collect::<Result<Vec<_>, _>>()?;
+        let allowed_peers = parse_list(&self.allowed_peers, PeerSelector::parse)?;
+        let backends = parse_list(&self.backends, Backend::parse)?;
         let weights = self
             .weights
             .iter()
