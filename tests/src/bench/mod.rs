@@ -14,8 +14,13 @@
 //! - [`setup`] and [`procs`] build the paths from real processes and always stop them.
 //!
 //! It never runs from `cargo test`: timings are not assertions.
+//!
+//! [`combined`] is the report of `tests/bench/all.sh` (`isthmus-bench-report`): the gateway,
+//! DNS shim and route-sync benchmarks' JSON documents judged against their targets in one
+//! table. Pure too, and unit-tested.
 
 pub mod backend;
+pub mod combined;
 pub mod load;
 pub mod procs;
 pub mod report;

@@ -1,13 +1,16 @@
 //! What a run found: per-path results, the issue's targets with verdicts, the printed tables
 //! and the JSON document. Pure: no sockets, no clock.
+//!
+//! The per-path results also deserialize, leniently (a missing figure is `None`), so that the
+//! combined report of `tests/bench/all.sh` judges a written run with these same [`targets`].
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::stats::ratio;
 use super::table::num;
 
 /// The four ways from the client to the backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum PathKind {
     /// Client straight to the backend: the floor every other path is compared with.
@@ -51,7 +54,7 @@ impl PathKind {
 }
 
 /// The new-connection test of one path.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConnRate {
     /// Completed connections per second.
     pub per_s: f64,
@@ -68,7 +71,7 @@ pub struct ConnRate {
 }
 
 /// The ping-pong latency test of one path.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Latency {
     /// Median round trip, µs.
     pub p50_us: f64,
@@ -85,7 +88,7 @@ pub struct Latency {
 }
 
 /// Resident memory of the gateway pair around holding idle tunneled connections.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Memory {
     /// Connections held open (each carried one byte each way first).
     pub conns: usize,
@@ -115,7 +118,7 @@ impl Memory {
 
 /// Everything measured on one path. A metric that could not be measured is `None` and its
 /// reason is in `errors`; a path that could not be set up at all has `failed`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PathResult {
     /// Which path.
     pub path: PathKind,
@@ -137,8 +140,10 @@ pub struct PathResult {
     /// Memory per idle tunneled connection (tunnels only).
     pub memory: Option<Memory>,
     /// Measurements that failed, with why.
+    #[serde(default)]
     pub errors: Vec<String>,
     /// What the gateways reported meanwhile: warnings in their logs, failure counters.
+    #[serde(default)]
     pub notes: Vec<String>,
 }
 
@@ -251,6 +256,13 @@ pub struct Target {
     pub name: String,
     /// The goal, as the issue states it.
     pub goal: String,
+    /// The unit of [`isthmus`](Target::isthmus) and [`peer`](Target::peer).
+    pub unit: String,
+    /// The Isthmus figure, when measured.
+    pub isthmus: Option<f64>,
+    /// The figure it is compared with (HAProxy's, or Isthmus TCP's for QUIC); for the memory
+    /// targets, which are absolute, HAProxy's figure for context.
+    pub peer: Option<f64>,
     /// The number judged (a ratio, µs or KiB), when measured.
     pub measured: Option<f64>,
     /// The number as printed, with what it was computed from.
@@ -276,6 +288,9 @@ fn ratio_target(name: &str, goal: f64, a: Option<f64>, b: Option<f64>, unit: &st
     Target {
         name: name.into(),
         goal: format!(">= {goal}x"),
+        unit: unit.into(),
+        isthmus: a,
+        peer: b,
         measured: r,
         shown,
         verdict: judge(r, |r| r >= goal),
@@ -328,6 +343,9 @@ pub fn targets(paths: &[PathResult]) -> Vec<Target> {
     out.push(Target {
         name: "added p99 latency: isthmus-tcp vs haproxy".into(),
         goal: "<= haproxy's".into(),
+        unit: "µs".into(),
+        isthmus: t,
+        peer: h,
         measured,
         shown: match (t, h) {
             (Some(t), Some(h)) => format!("{} vs {} µs", num(t), num(h)),
@@ -355,12 +373,16 @@ pub fn targets(paths: &[PathResult]) -> Vec<Target> {
         "MiB/s",
     ));
 
+    let kib = |p: Option<&PathResult>| p.and_then(|p| p.memory.as_ref()).map(|m| m.kib_per_conn);
     for (kind, p) in [(PathKind::IsthmusTcp, tcp), (PathKind::IsthmusQuic, quic)] {
         let mem = p.and_then(|p| p.memory.as_ref());
         let measured = mem.map(|m| m.kib_per_conn);
         out.push(Target {
             name: format!("memory per idle conn: {}", kind.name()),
             goal: format!("<= {MEMORY_TARGET_KIB} KiB"),
+            unit: "KiB".into(),
+            isthmus: measured,
+            peer: kib(hap),
             measured,
             shown: mem.map_or_else(
                 || "not measured".into(),
@@ -492,11 +514,29 @@ mod tests {
             ]
         );
         assert_eq!(t[0].measured, Some(1.5));
+        assert_eq!((t[0].isthmus, t[0].peer), (Some(600.0), Some(400.0)));
+        assert_eq!(t[0].unit, "MiB/s");
+        // QUIC is compared with TCP; memory shows HAProxy's figure beside the absolute goal.
+        assert_eq!((t[4].isthmus, t[4].peer), (Some(300.0), Some(600.0)));
+        assert_eq!((t[7].isthmus, t[7].peer), (Some(40.0), Some(80.0)));
         assert!(
             t[0].shown.starts_with("1.50x (600 vs 400"),
             "{}",
             t[0].shown
         );
+    }
+
+    #[test]
+    fn path_results_read_back_what_they_write() {
+        let p = path(PathKind::IsthmusQuic, 300.0, 12_000.0, 80.0, 40.0);
+        let v = serde_json::to_value(&p).unwrap();
+        assert_eq!(serde_json::from_value::<PathResult>(v).unwrap(), p);
+        // Missing figures and lists are read as not measured, unknown keys are ignored.
+        let v = serde_json::json!({"path": "haproxy", "bulk_1_mib_s": 5.0, "new_figure": 1});
+        let p = serde_json::from_value::<PathResult>(v).unwrap();
+        assert_eq!(p.bulk_1_mib_s, Some(5.0));
+        assert_eq!(p.conn_rate, None);
+        assert!(p.errors.is_empty());
     }
 
     #[test]
