@@ -1,5 +1,10 @@
-//! The two-cluster harness for Isthmus end-to-end tests and the local demo.
+//! The two-cluster harness for Isthmus: the local demo (`isthmus-demo`), the end-to-end
+//! tests of a live migration (`tests/tests/*.rs`), and the benchmarks (`bench`).
 //!
-//! Status: not built yet (see the harness issue). Component tests live beside each crate.
+//! - [`world`]: two clusters, "diego" and "k8s", on one machine (loopback addresses, or a
+//!   network namespace each when run as root), with every Isthmus component as a real
+//!   process, app instances, a platform resolver, and clients that call apps by name.
+//! - [`mod@bench`]: the benchmarks (the gateway against HAProxy, and the combined report).
 
 pub mod bench;
+pub mod world;
