@@ -277,9 +277,10 @@ routes:
     // The app's request arrives while orders is still local here; the table moves a moment
     // later; the request goes through.
     let request = format!("GET / HTTP/1.1\r\nHost: orders.apps.internal:{port}\r\n\r\n");
+    let before = diego_routes.watchers();
     let call = tokio::spawn(async move { exchange(addr, request.as_bytes()).await });
-    // Let the request reach the egress first (ordering only; nothing here asserts timing).
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // The request has reached the egress and waits for the table: it watches it.
+    eventually(|| diego_routes.watchers() > before).await;
     let moved = routes(&remote);
     diego_routes.replace_all(moved.snapshot().iter().map(|r| (**r).clone()));
     let out = within(call).await.unwrap().unwrap();

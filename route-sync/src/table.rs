@@ -376,6 +376,12 @@ impl RouteStore {
         self.inner.current.load_full()
     }
 
+    /// How many [`RouteWatch`]es are alive: lets a test see that a reader is waiting for
+    /// the next change before making it.
+    pub fn watchers(&self) -> usize {
+        self.inner.notify.receiver_count()
+    }
+
     /// A watcher woken on every change after this call.
     pub fn subscribe(&self) -> RouteWatch {
         RouteWatch {
