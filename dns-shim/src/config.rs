@@ -268,6 +268,14 @@ pub struct MeshTlsFiles {
     pub key: PathBuf,
     /// Trust bundle.
     pub bundle: PathBuf,
+    /// How often the files are checked for changes; a changed set is used for the next
+    /// connection to route-sync, without a restart.
+    #[serde(default = "default_tls_poll")]
+    pub reload_interval: HumanDuration,
+}
+
+fn default_tls_poll() -> HumanDuration {
+    HumanDuration::from_millis(500)
 }
 
 /// The admin server.

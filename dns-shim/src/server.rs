@@ -32,7 +32,12 @@ pub struct Server {
 /// Where the shim's routes come from.
 enum Source {
     File(FileSource),
-    RouteSync(isthmus_route_sync::client::RouteSyncSource),
+    /// Follows route-sync; its client certificate files are polled at the interval.
+    RouteSync(
+        isthmus_route_sync::client::RouteSyncSource,
+        isthmus_certs::TlsFiles,
+        std::time::Duration,
+    ),
 }
 
 impl Server {
@@ -73,14 +78,18 @@ impl Server {
                     .context("loading the shim's mesh certificates")?;
                 // Not ready until route-sync (or the cache) gave a table.
                 health.set_not_ready("waiting for route-sync");
-                Source::RouteSync(isthmus_route_sync::client::RouteSyncSource {
-                    cluster: isthmus_route_sync::ClusterName::parse(&cfg.cluster)
-                        .context("cluster")?,
-                    trust_domain: rs.trust_domain.clone(),
-                    endpoints: rs.endpoints.clone(),
-                    tls,
-                    cache: rs.cache.clone(),
-                })
+                Source::RouteSync(
+                    isthmus_route_sync::client::RouteSyncSource {
+                        cluster: isthmus_route_sync::ClusterName::parse(&cfg.cluster)
+                            .context("cluster")?,
+                        trust_domain: rs.trust_domain.clone(),
+                        endpoints: rs.endpoints.clone(),
+                        tls,
+                        cache: rs.cache.clone(),
+                    },
+                    files,
+                    rs.tls.reload_interval.get(),
+                )
             }
             (None, None) => anyhow::bail!("no route source configured"),
         };
@@ -112,7 +121,9 @@ impl Server {
             Source::File(file) => {
                 let _watcher = file.watch(self.routes.clone(), self.poll, background.clone());
             }
-            Source::RouteSync(rs) => {
+            Source::RouteSync(rs, files, tls_poll) => {
+                // New certificates are picked up for the next connection to route-sync.
+                let _reload = rs.tls.watch(files, tls_poll, background.clone());
                 let (state, _task) = rs.spawn(self.routes.clone(), background.clone());
                 let (health, stop) = (self.health.clone(), background.clone());
                 let routes = self.routes.clone();

@@ -723,21 +723,18 @@ impl World {
     }
 
     fn shim_config(&self, c: Cluster) -> String {
-        let d = self.cert_dir(c, "dns-shim");
         format!(
             "cluster: {c}\ndomains: [apps.internal]\nlisten: \"{}\"\nudp_sockets: 1\n\
              answer: {{egress: [{}]}}\n\
              upstream: {{kind: dns, servers: [\"{}\"]}}\nupstream_timeout: 1s\n\
              routes:\n  route_sync:\n    endpoints: [\"{}\"]\n    trust_domain: {TRUST_DOMAIN}\n    \
-             tls: {{cert: {}, key: {}, bundle: {}}}\n    cache: {}\n\
+             tls: {}\n    cache: {}\n\
              admin: {{listen: \"{}\"}}\ndrain_timeout: 1s\n",
             self.shim_addr(c),
             self.egress_ip(c),
             self.plan.private_at(c, host::PLATFORM_DNS, port::DNS),
             self.route_sync_endpoint(c),
-            d.join("cert.pem").display(),
-            d.join("key.pem").display(),
-            d.join("ca.pem").display(),
+            self.tls_block(c, "dns-shim"),
             self.opts
                 .dir
                 .join(format!("state/{c}-dns-shim-routes.pb"))
