@@ -161,6 +161,16 @@ pub struct IngressConfig {
     /// A tunnel connection with no stream for this long is closed.
     #[serde(default = "default_idle")]
     pub idle_timeout: HumanDuration,
+    /// A tunnel connection that hears nothing from its egress for this long (an egress host
+    /// gone, a partition: no reset arrives) is closed with its streams and their backend
+    /// connections; a PING goes out after a quarter of it in silence. The egress notices a
+    /// dead ingress far sooner, with its own `pool.dead_after`.
+    #[serde(default = "default_ingress_dead_after")]
+    pub dead_after: HumanDuration,
+}
+
+fn default_ingress_dead_after() -> HumanDuration {
+    HumanDuration::from_secs(30)
 }
 
 fn yes() -> bool {
@@ -217,6 +227,7 @@ impl Default for IngressConfig {
             stream_window: default_stream_window(),
             connection_window: default_conn_window(),
             idle_timeout: default_idle(),
+            dead_after: default_ingress_dead_after(),
         }
     }
 }
@@ -319,10 +330,11 @@ pub struct PoolConfig {
     /// Flow-control window per connection, in bytes.
     #[serde(default = "default_conn_window")]
     pub connection_window: u32,
-    /// A QUIC connection that hears nothing from its ingress for this long is closed as
-    /// dead, and its endpoint tried after the others for a while; keep-alives go out at a
-    /// quarter of it. A killed ingress replica sends no close and UDP gets no reset, so this
-    /// is how fast the pool moves to another replica. Streams of a connection declared dead
+    /// A tunnel connection (QUIC or TCP) that hears nothing from its ingress for this long
+    /// is closed as dead, and its endpoint tried after the others for a while; keep-alives
+    /// (QUIC PING frames, HTTP/2 PINGs) go out after a quarter of it in silence. A killed
+    /// replica sends no close over UDP, and a vanished host or a partition sends no TCP reset
+    /// either, so this is how fast the pool moves to another replica. Streams of a connection declared dead
     /// break, so keep it above the worst pause the link between the clusters may have.
     #[serde(default = "default_dead_after")]
     pub dead_after: HumanDuration,
@@ -422,6 +434,9 @@ impl Validate for GatewayConfig {
                 ingress.max_streams_per_connection.into(),
             )?;
             check_positive("ingress.max_connections", ingress.max_connections as u64)?;
+            if ingress.dead_after.get() < std::time::Duration::from_millis(100) {
+                return Err(FieldError::new("ingress.dead_after", "at least 100ms"));
+            }
         }
         if let Some(egress) = &self.egress {
             egress.validate().map_err(|e| e.within("egress"))?;

@@ -141,7 +141,7 @@ pub(crate) fn quic_transport(
 
 /// How a QUIC connection keeps itself alive and notices a dead peer.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Liveness {
+pub struct Liveness {
     /// A PING when nothing else was sent for this long.
     pub keep_alive: Duration,
     /// Closed as dead after hearing nothing for this long (the lower of both sides' wins).

@@ -28,6 +28,7 @@ use crate::frame::{self, Parsed, RequestHead};
 use crate::ingress::{ALPN_H2, ALPN_QUIC};
 use crate::metrics::PoolLabels;
 use crate::tunnel::h2::{H2Recv, H2Send};
+use crate::tunnel::liveness::{Heard, Watchdog, silent};
 use crate::tunnel::quic::{QuicRecv, QuicSend};
 use crate::tunnel::status;
 use crate::{Context, Refusal};
@@ -182,10 +183,7 @@ impl Pool {
                     cfg.max_streams_per_connection,
                     cfg.stream_window,
                     cfg.connection_window,
-                    crate::Liveness {
-                        keep_alive: cfg.dead_after.get() / 4,
-                        dead_after: cfg.dead_after.get(),
-                    },
+                    liveness(&cfg),
                 )));
                 Some(client)
             } else {
@@ -444,6 +442,10 @@ impl Pool {
         self.dial_h2(peer, endpoint).await
     }
 
+    fn liveness(&self) -> crate::Liveness {
+        liveness(&self.cfg)
+    }
+
     async fn dial_h2(&self, peer: &Peer, endpoint: &Endpoint) -> Result<Conn, String> {
         let metrics = &self.ctx.metrics;
         let tcp = timeout(
@@ -473,7 +475,8 @@ impl Pool {
                 return Err("TLS handshake timed out".into());
             }
         };
-        let (send_request, connection) = h2::client::Builder::new()
+        let (tls, heard) = Heard::new(tls);
+        let (send_request, mut connection) = h2::client::Builder::new()
             .initial_window_size(self.cfg.stream_window)
             .initial_connection_window_size(self.cfg.connection_window)
             .max_concurrent_streams(0)
@@ -490,10 +493,25 @@ impl Pool {
         gauge.inc();
         let done = Arc::clone(&closed);
         let addr = endpoint.addr;
+        let dead_after = self.cfg.dead_after.get();
+        // TCP has no idle timeout of its own: an ingress that vanished without a reset would
+        // hold every stream of this connection until the kernel gives up retransmitting.
+        let mut watchdog = connection
+            .ping_pong()
+            .map(|pings| Watchdog::new(heard, pings, self.liveness()));
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(endpoint = %addr, "tunnel connection ended: {e}");
+            tokio::select! {
+                biased;
+                ended = &mut connection => if let Err(e) = ended {
+                    tracing::debug!(endpoint = %addr, "tunnel connection ended: {e}");
+                },
+                () = silent(watchdog.as_mut()) => tracing::warn!(
+                    endpoint = %addr,
+                    "tunnel connection silent for {dead_after:?}: closed as dead"
+                ),
             }
+            // Dropping the connection fails its streams, so their app connections close.
+            drop(connection);
             done.store(true, Ordering::Release);
             gauge.dec();
         });
@@ -642,5 +660,13 @@ impl Opened {
             self.leftover = Bytes::new();
         }
         Ok(())
+    }
+}
+
+/// Keep-alives at a quarter of `dead_after`, on both transports.
+fn liveness(cfg: &PoolConfig) -> crate::Liveness {
+    crate::Liveness {
+        keep_alive: cfg.dead_after.get() / 4,
+        dead_after: cfg.dead_after.get(),
     }
 }

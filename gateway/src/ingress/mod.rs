@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::IngressConfig;
 use crate::metrics::{ConnLabels, Direction, PoolLabels};
 use crate::tunnel::h2::{H2Recv, H2Send};
+use crate::tunnel::liveness::{Heard, Watchdog, silent};
 use crate::tunnel::status;
 use crate::{Context, Refusal, handshake_reason};
 
@@ -208,6 +209,7 @@ async fn serve_tcp(
         None => return,
     };
     let cfg = &shared.cfg;
+    let (tls, heard) = Heard::new(tls);
     let mut conn = match h2::server::Builder::new()
         .initial_window_size(cfg.stream_window)
         .initial_connection_window_size(cfg.connection_window)
@@ -234,6 +236,11 @@ async fn serve_tcp(
     gauge.inc();
     tracing::debug!(%peer, %caller, "tunnel connection up");
     let streams = Arc::new(AtomicUsize::new(0));
+    // An egress that vanished without a reset (host gone, partition) is noticed here, and
+    // its streams' backend connections are closed, instead of waiting on TCP retransmits.
+    let mut watchdog = conn
+        .ping_pong()
+        .map(|pings| Watchdog::new(heard, pings, liveness(cfg)));
     let mut idle = tokio::time::interval(cfg.idle_timeout.get());
     idle.tick().await;
     let mut busy_since_tick = false;
@@ -271,9 +278,23 @@ async fn serve_tcp(
                 busy_since_tick = false;
             }
             () = force.cancelled() => break,
+            () = silent(watchdog.as_mut()) => {
+                tracing::warn!(%peer, %caller, "tunnel connection silent for {:?}: closed as dead", liveness(cfg).dead_after);
+                break;
+            }
         }
     }
     gauge.dec();
+}
+
+/// How the ingress notices a silent egress, on either transport. The egress's own
+/// `pool.dead_after` is usually far shorter (it picks how fast a dead ingress is noticed, and
+/// its keep-alives keep this side hearing); this reclaims what a vanished egress left behind.
+fn liveness(cfg: &IngressConfig) -> crate::Liveness {
+    crate::Liveness {
+        keep_alive: cfg.dead_after.get() / 4,
+        dead_after: cfg.dead_after.get(),
+    }
 }
 
 async fn h2_stream(

@@ -4,7 +4,6 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use isthmus_certs::SpiffeId;
@@ -36,10 +35,7 @@ pub(super) fn endpoint(
         cfg.stream_window,
         cfg.connection_window,
         // The egress side picks how fast a dead peer is noticed (the lower value wins).
-        crate::Liveness {
-            keep_alive: Duration::from_secs(10),
-            dead_after: cfg.idle_timeout.get().max(Duration::from_secs(30)),
-        },
+        super::liveness(cfg),
     );
     server.transport_config(Arc::new(transport));
     quinn::Endpoint::server(server, addr)

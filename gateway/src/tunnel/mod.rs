@@ -6,6 +6,7 @@
 //! the tunnel is written to the socket as it is, with no intermediate buffer per connection.
 
 pub mod h2;
+pub mod liveness;
 pub mod pump;
 pub mod quic;
 
