@@ -36,7 +36,7 @@ use std::str::FromStr;
 
 use isthmus_route_sync::vip::VipRange;
 use isthmus_route_sync::{ClusterName, RouteName};
-use isthmus_runtime::config::{FieldError, HumanDuration, Validate};
+use isthmus_runtime::config::{FieldError, HumanDuration, TlsConfig, Validate};
 use serde::{Deserialize, Deserializer};
 
 /// The whole file.
@@ -252,30 +252,10 @@ pub struct RouteSyncSourceConfig {
     /// The mesh trust domain.
     pub trust_domain: String,
     /// The shim's mesh identity: `spiffe://<td>/cluster/<cluster>/dns-shim`.
-    pub tls: MeshTlsFiles,
+    pub tls: TlsConfig,
     /// Where the last table is kept, served (marked stale) after a restart.
     #[serde(default)]
     pub cache: Option<PathBuf>,
-}
-
-/// PEM files of a mesh identity.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MeshTlsFiles {
-    /// Certificate chain, leaf first.
-    pub cert: PathBuf,
-    /// Private key.
-    pub key: PathBuf,
-    /// Trust bundle.
-    pub bundle: PathBuf,
-    /// How often the files are checked for changes; a changed set is used for the next
-    /// connection to route-sync, without a restart.
-    #[serde(default = "default_tls_poll")]
-    pub reload_interval: HumanDuration,
-}
-
-fn default_tls_poll() -> HumanDuration {
-    HumanDuration::from_millis(500)
 }
 
 /// The admin server.

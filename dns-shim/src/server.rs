@@ -69,11 +69,7 @@ impl Server {
                 Source::File(source)
             }
             (None, Some(rs)) => {
-                let files = isthmus_certs::TlsFiles {
-                    cert: rs.tls.cert.clone(),
-                    key: rs.tls.key.clone(),
-                    bundle: rs.tls.bundle.clone(),
-                };
+                let files = rs.tls.files();
                 let tls = isthmus_certs::MeshTls::load(&files)
                     .context("loading the shim's mesh certificates")?;
                 // Not ready until route-sync (or the cache) gave a table.

@@ -23,7 +23,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use isthmus_route_sync::{ClusterName, RouteKey};
-use isthmus_runtime::config::{FieldError, HumanDuration, Validate};
+use isthmus_runtime::config::{FieldError, HumanDuration, TlsConfig, Validate};
 use serde::Deserialize;
 
 /// The whole file.
@@ -36,7 +36,7 @@ pub struct GatewayConfig {
     /// The mesh trust domain (`mesh.local`).
     pub trust_domain: String,
     /// This gateway's identity and trust bundle.
-    pub tls: TlsFilesConfig,
+    pub tls: TlsConfig,
     /// Where routes come from.
     pub routes: RoutesConfig,
     /// The admin server.
@@ -55,21 +55,6 @@ pub struct GatewayConfig {
 
 fn default_drain() -> HumanDuration {
     HumanDuration::from_secs(30)
-}
-
-/// PEM files, polled for changes.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsFilesConfig {
-    /// Certificate chain, leaf first.
-    pub cert: PathBuf,
-    /// Private key of the leaf.
-    pub key: PathBuf,
-    /// Trust bundle: one or more CA certificates.
-    pub bundle: PathBuf,
-    /// How often the files are checked for changes.
-    #[serde(default = "default_poll")]
-    pub reload_interval: HumanDuration,
 }
 
 fn default_poll() -> HumanDuration {

@@ -28,15 +28,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = args
-        .log
-        .clone()
-        .or_else(|| std::env::var("RUST_LOG").ok())
-        .unwrap_or_else(|| "info".into());
-    if let Err(e) = telemetry::init(args.log_format, &filter) {
-        eprintln!("error: {e}");
-        std::process::exit(config::EXIT_CONFIG);
-    }
+    telemetry::init_or_exit(args.log_format, args.log.clone());
     let cfg: GatewayConfig = config::load_or_exit(&args.config);
     if args.check {
         println!("{}: ok", args.config.display());

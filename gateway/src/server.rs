@@ -51,11 +51,7 @@ impl Gateway {
     /// that cannot be read is not fatal: the gateway starts not ready and picks it up once
     /// it is there.
     pub async fn build(cfg: &GatewayConfig) -> anyhow::Result<Self> {
-        let tls_files = TlsFiles {
-            cert: cfg.tls.cert.clone(),
-            key: cfg.tls.key.clone(),
-            bundle: cfg.tls.bundle.clone(),
-        };
+        let tls_files = cfg.tls.files();
         let tls = MeshTls::load(&tls_files).context("loading the gateway's certificates")?;
         tracing::info!(id = %tls.local_id(), serial = %tls.serial(), "identity loaded");
         let routes = RouteStore::new();

@@ -15,7 +15,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use isthmus_runtime::config::{FieldError, HumanDuration, Validate};
+use isthmus_runtime::config::{FieldError, HumanDuration, TlsConfig, Validate};
 use serde::Deserialize;
 
 use crate::model::ClusterName;
@@ -52,21 +52,6 @@ fn default_listen() -> SocketAddr {
 
 fn default_poll() -> HumanDuration {
     HumanDuration::from_millis(500)
-}
-
-/// PEM files, polled for changes.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// Certificate chain, leaf first.
-    pub cert: PathBuf,
-    /// Private key of the leaf.
-    pub key: PathBuf,
-    /// Trust bundle.
-    pub bundle: PathBuf,
-    /// How often the files are checked for changes.
-    #[serde(default = "default_poll")]
-    pub reload_interval: HumanDuration,
 }
 
 /// The admin server.

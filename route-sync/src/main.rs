@@ -61,14 +61,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }),
         None => {
-            let filter = args
-                .log
-                .or_else(|| std::env::var("RUST_LOG").ok())
-                .unwrap_or_else(|| "info".into());
-            if let Err(e) = telemetry::init(args.log_format, &filter) {
-                eprintln!("error: {e}");
-                std::process::exit(config::EXIT_CONFIG);
-            }
+            telemetry::init_or_exit(args.log_format, args.log);
             tracing::info!(config = %path.display(), effective = ?cfg, "starting isthmus-route-sync");
             runtime.block_on(async move {
                 let stop = CancellationToken::new();

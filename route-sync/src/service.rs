@@ -19,11 +19,7 @@ use crate::proto;
 use crate::source::file::FileSource;
 
 fn load_tls(cfg: &RouteSyncConfig) -> anyhow::Result<(MeshTls, TlsFiles)> {
-    let files = TlsFiles {
-        cert: cfg.tls.cert.clone(),
-        key: cfg.tls.key.clone(),
-        bundle: cfg.tls.bundle.clone(),
-    };
+    let files = cfg.tls.files();
     let tls = MeshTls::load(&files).context("loading the route-sync certificates")?;
     Ok((tls, files))
 }

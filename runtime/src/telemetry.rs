@@ -119,6 +119,18 @@ pub fn init(format: LogFormat, filter: &str) -> Result<(), TelemetryError> {
         .map_err(|source| TelemetryError::AlreadyInitialized { source })
 }
 
+/// What a binary's `main` does first: [`init`] with `--log`, else `$RUST_LOG`, else `info`;
+/// a bad filter is printed and the process exits with [`crate::config::EXIT_CONFIG`].
+pub fn init_or_exit(format: LogFormat, log: Option<String>) {
+    let filter = log
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| "info".into());
+    if let Err(e) = init(format, &filter) {
+        eprintln!("error: {e}");
+        std::process::exit(crate::config::EXIT_CONFIG);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

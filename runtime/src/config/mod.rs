@@ -10,6 +10,7 @@
 //! Config types are expected to use `#[serde(deny_unknown_fields)]`: a misspelt key then fails with
 //! the list of valid ones instead of being silently ignored.
 
+mod tls;
 mod values;
 
 use std::error::Error as _;
@@ -18,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 
+pub use tls::TlsConfig;
 pub use values::{DurationError, HumanDuration, Port, PortError};
 
 /// Exit status for a binary whose configuration is invalid (BSD `EX_USAGE`).
