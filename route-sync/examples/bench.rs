@@ -11,7 +11,8 @@
 //! store every source writes into; afterwards it applies each change the benchmark process
 //! sends it over stdin. The benchmark process keeps the consumer: a `RouteSyncSource` that
 //! follows the k8s node with a k8s gateway's identity. `--persist` gives both nodes a
-//! `state_dir` (last known good on disk), as a production configuration may.
+//! `state_dir` and the consumer a `cache` (last known good on disk), as a production
+//! configuration may.
 //!
 //! Measures:
 //! - initial sync of N routes from the source to the peer node, and on to the consumer;
@@ -388,7 +389,7 @@ async fn bench(args: &[String]) {
         trust_domain: TRUST_DOMAIN.into(),
         endpoints: vec![k8s.addr],
         tls: mesh_tls(&ca, "k8s", "gateway"),
-        cache: None,
+        cache: persist.then(|| dir.path().join("consumer-routes.pb")),
     }
     .spawn(consumer.clone(), cancel.clone());
 
@@ -503,7 +504,11 @@ async fn bench(args: &[String]) {
         "route-sync benchmark: {n} routes; diego and k8s route-sync nodes in their own processes, \
          the consumer in the benchmark's; {} cores{}",
         std::thread::available_parallelism().map_or(0, |c| c.get()),
-        if persist { "; state_dir on" } else { "" }
+        if persist {
+            "; state_dir and consumer cache on"
+        } else {
+            ""
+        }
     );
     println!("| metric | measured | target | verdict |");
     println!("|---|---|---|---|");

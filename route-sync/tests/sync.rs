@@ -267,6 +267,13 @@ async fn consumers_keep_serving_through_a_partition_and_catch_up() {
         !state.stale.load(std::sync::atomic::Ordering::Acquire)
     })
     .await;
+    eventually("the table cached", Duration::from_secs(2), || {
+        state
+            .cached_revision
+            .load(std::sync::atomic::Ordering::Acquire)
+            > 0
+    })
+    .await;
 
     // Partition: the local route-sync goes away. The consumer keeps its table, says stale.
     let k8s_addr = k8s.addr;
