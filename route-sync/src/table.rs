@@ -257,6 +257,9 @@ impl Applied {
 /// behind than this gets a full snapshot.
 pub const DEFAULT_LOG_CAPACITY: usize = 1 << 20;
 
+/// The log keeps at least this many entries (capacity permitting), however small the table.
+pub const MIN_LOG: usize = 4096;
+
 struct Inner {
     current: ArcSwap<RouteTable>,
     notify: watch::Sender<u64>,
@@ -276,15 +279,20 @@ impl ChangeLog {
     /// Records the keys changed at `revision`, forgetting the oldest entries beyond the
     /// capacity. The log never holds more than its capacity, not even for a moment: a
     /// 250,000-route load into a store with a small log allocates nothing here.
-    fn record(&mut self, revision: u64, keys: Vec<RouteKey>) {
-        if keys.len() > self.capacity {
+    ///
+    /// Nor more than twice the table (`table_len`, at least [`MIN_LOG`]): a watcher further
+    /// behind than that is sent the table itself for about the same cost, so a small table
+    /// under steady churn does not grow a log of a million entries.
+    fn record(&mut self, revision: u64, keys: Vec<RouteKey>, table_len: usize) {
+        let capacity = self.capacity.min(table_len.saturating_mul(2).max(MIN_LOG));
+        if keys.len() > capacity {
             // Only watchers older than `revision` could use these entries, and they would
             // miss the ones that do not fit: they need a snapshot anyway.
             self.entries.clear();
             self.trimmed_through = revision;
             return;
         }
-        self.trim(self.capacity - keys.len());
+        self.trim(capacity - keys.len());
         self.entries
             .extend(keys.into_iter().map(|key| (revision, key)));
     }
@@ -496,7 +504,7 @@ impl RouteStore {
         }
         summary.revision = next_rev;
         table.revision = next_rev;
-        log.record(next_rev, changed);
+        log.record(next_rev, changed, table.len());
         self.inner.current.store(Arc::new(table));
         self.inner.notify.send_replace(next_rev);
         summary

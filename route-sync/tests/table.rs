@@ -185,3 +185,27 @@ fn names_with_several_ports_keep_their_ports_sorted_as_they_change() {
     assert!(t.is_empty() && t.by_name("a.apps.internal").is_empty());
     assert_eq!(t.iter().count(), 0);
 }
+
+/// A small table under steady churn keeps a log of about twice its size (at least
+/// `MIN_LOG`), not the default million: a watcher further behind gets the table instead.
+#[test]
+fn the_change_log_of_a_small_table_stays_small() {
+    use isthmus_route_sync::table::MIN_LOG;
+    let store = RouteStore::new();
+    let name = |i: usize| format!("r{i}.apps.internal:80");
+    store.replace_all((0..10).map(|i| route(&name(i), "k8s")));
+    let start = store.snapshot().revision();
+    let churn = MIN_LOG + 100;
+    for i in 0..churn {
+        let home = if (i / 10) % 2 == 0 { "diego" } else { "k8s" };
+        store.apply([route(&name(i % 10), home)], []);
+    }
+    let end = store.snapshot().revision();
+    assert_eq!(end, start + churn as u64);
+    // The oldest changes are gone: resuming from the start needs a snapshot...
+    assert!(store.changes_since(start).is_none());
+    // ...while the last MIN_LOG are remembered.
+    let (rev, delta) = store.changes_since(end - MIN_LOG as u64).unwrap();
+    assert_eq!((rev, delta.upserted.len()), (end, 10));
+    assert!(store.changes_since(end - MIN_LOG as u64 - 1).is_none());
+}
