@@ -367,18 +367,26 @@ async fn idle_pooled_connections_close_quic() {
 }
 
 /// A TCP relay that can turn into a black hole: once frozen it forwards nothing and closes
-/// nothing, as a vanished host or a partition between the clusters would.
+/// nothing, as a vanished host or a partition between the clusters would. It counts the
+/// reads it forwarded each way, so a test can watch keep-alives cross.
 struct BlackHole {
     addr: std::net::SocketAddr,
-    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    state: std::sync::Arc<HoleState>,
+}
+
+#[derive(Default)]
+struct HoleState {
+    frozen: std::sync::atomic::AtomicBool,
+    /// Reads forwarded: [towards the target, back to the client].
+    forwarded: [std::sync::atomic::AtomicUsize; 2],
 }
 
 impl BlackHole {
     async fn to(target: std::net::SocketAddr) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let frozen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = std::sync::Arc::clone(&frozen);
+        let state = std::sync::Arc::new(HoleState::default());
+        let shared = std::sync::Arc::clone(&state);
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = TcpStream::connect(target).await else {
@@ -386,25 +394,27 @@ impl BlackHole {
                 };
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
-                tokio::spawn(Self::pipe(cr, sw, std::sync::Arc::clone(&flag)));
-                tokio::spawn(Self::pipe(sr, cw, std::sync::Arc::clone(&flag)));
+                tokio::spawn(Self::pipe(cr, sw, std::sync::Arc::clone(&shared), 0));
+                tokio::spawn(Self::pipe(sr, cw, std::sync::Arc::clone(&shared), 1));
             }
         });
-        Self { addr, frozen }
+        Self { addr, state }
     }
 
     async fn pipe(
         mut from: tokio::net::tcp::OwnedReadHalf,
         mut to: tokio::net::tcp::OwnedWriteHalf,
-        frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        state: std::sync::Arc<HoleState>,
+        direction: usize,
     ) {
+        use std::sync::atomic::Ordering;
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = match from.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
-            if frozen.load(std::sync::atomic::Ordering::Acquire) {
+            if state.frozen.load(Ordering::Acquire) {
                 // Swallow everything, answer nothing, keep both sockets open.
                 let _held = (from, to);
                 return std::future::pending().await;
@@ -412,51 +422,75 @@ impl BlackHole {
             if to.write_all(&buf[..n]).await.is_err() {
                 return;
             }
+            state.forwarded[direction].fetch_add(1, Ordering::Release);
         }
     }
 
     fn freeze(&self) {
-        self.frozen
+        self.state
+            .frozen
             .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    fn forwarded(&self) -> [usize; 2] {
+        self.state
+            .forwarded
+            .each_ref()
+            .map(|n| n.load(std::sync::atomic::Ordering::Acquire))
     }
 }
 
-/// An egress and an ingress with a black hole between them, one app connection through it
-/// already carrying bytes; then the hole freezes if `freeze`.
-async fn frozen_tunnel(
-    egress_dead_after: Duration,
-    ingress_dead_after: Duration,
-    freeze: bool,
-) -> (
-    TcpStream,
-    isthmus_gateway::Context,
-    isthmus_gateway::Context,
-    Running,
-    Running,
-) {
-    let (echo, _) = echo_backend("").await;
-    let mesh = Mesh::new();
-    let store = world_routes(echo, dead_port().await);
-    let ingress_ctx = mesh.context("k8s", &store);
-    let mut icfg = ingress_cfg();
-    icfg.dead_after =
-        isthmus_runtime::config::HumanDuration::from_millis(ingress_dead_after.as_millis() as u64);
-    let (ingress_addr, ingress) = start_ingress(ingress_ctx.clone(), icfg).await;
-    let hole = BlackHole::to(ingress_addr).await;
-    let mut cfg = egress_cfg("orders.apps.internal:8080", vec![hole.addr], Transport::Tcp);
-    cfg.pool.dead_after =
-        isthmus_runtime::config::HumanDuration::from_millis(egress_dead_after.as_millis() as u64);
-    let egress_ctx = mesh.context("diego", &store);
-    let (addr, egress) = start_egress(egress_ctx.clone(), cfg).await;
-    let mut s = within(TcpStream::connect(addr)).await.unwrap();
-    s.write_all(b"a").await.unwrap();
-    let mut b = [0u8; 1];
-    within(s.read_exact(&mut b)).await.unwrap();
-    if freeze {
-        hole.freeze();
-        s.write_all(b"b").await.unwrap();
+/// An egress and an ingress with a black hole between them, and one app connection through
+/// it that has carried bytes.
+struct HoleWorld {
+    app: TcpStream,
+    hole: BlackHole,
+    egress_ctx: isthmus_gateway::Context,
+    ingress_ctx: isthmus_gateway::Context,
+    egress: Running,
+    ingress: Running,
+}
+
+impl HoleWorld {
+    async fn start(egress_dead_after: Duration, ingress_dead_after: Duration) -> Self {
+        let millis =
+            |d: Duration| isthmus_runtime::config::HumanDuration::from_millis(d.as_millis() as u64);
+        let (echo, _) = echo_backend("").await;
+        let mesh = Mesh::new();
+        let store = world_routes(echo, dead_port().await);
+        let ingress_ctx = mesh.context("k8s", &store);
+        let mut icfg = ingress_cfg();
+        icfg.dead_after = millis(ingress_dead_after);
+        let (ingress_addr, ingress) = start_ingress(ingress_ctx.clone(), icfg).await;
+        let hole = BlackHole::to(ingress_addr).await;
+        let mut cfg = egress_cfg("orders.apps.internal:8080", vec![hole.addr], Transport::Tcp);
+        cfg.pool.dead_after = millis(egress_dead_after);
+        let egress_ctx = mesh.context("diego", &store);
+        let (addr, egress) = start_egress(egress_ctx.clone(), cfg).await;
+        let mut app = within(TcpStream::connect(addr)).await.unwrap();
+        app.write_all(b"a").await.unwrap();
+        let mut b = [0u8; 1];
+        within(app.read_exact(&mut b)).await.unwrap();
+        Self {
+            app,
+            hole,
+            egress_ctx,
+            ingress_ctx,
+            egress,
+            ingress,
+        }
     }
-    (s, egress_ctx, ingress_ctx, egress, ingress)
+
+    /// The hole swallows everything from now on, starting with a byte of the app's.
+    async fn freeze(&mut self) {
+        self.hole.freeze();
+        self.app.write_all(b"b").await.unwrap();
+    }
+
+    async fn stop(self) {
+        self.egress.stop().await;
+        self.ingress.stop().await;
+    }
 }
 
 fn tcp_gauge(family: &isthmus_gateway::metrics::Metrics, ingress: bool) -> i64 {
@@ -475,44 +509,47 @@ fn tcp_gauge(family: &isthmus_gateway::metrics::Metrics, ingress: bool) -> i64 {
 /// pooled connection, and every app connection on it, until the kernel gave up retransmitting.
 #[tokio::test]
 async fn egress_closes_a_tcp_tunnel_whose_ingress_went_silent() {
-    let (mut s, egress_ctx, _, egress, ingress) =
-        frozen_tunnel(Duration::from_millis(400), Duration::from_secs(60), true).await;
+    let mut w = HoleWorld::start(Duration::from_millis(400), Duration::from_secs(60)).await;
+    w.freeze().await;
     // The app connection ends (reset or EOF) instead of hanging.
     let mut rest = [0u8; 16];
-    let ended = within(s.read(&mut rest)).await;
+    let ended = within(w.app.read(&mut rest)).await;
     assert!(matches!(ended, Ok(0) | Err(_)), "got {ended:?}");
-    eventually(|| tcp_gauge(&egress_ctx.metrics, false) == 0).await;
-    egress.stop().await;
-    ingress.stop().await;
+    eventually(|| tcp_gauge(&w.egress_ctx.metrics, false) == 0).await;
+    w.stop().await;
 }
 
 /// The ingress side reclaims a tunnel (and the backend connections of its streams) whose
 /// egress vanished without a reset.
 #[tokio::test]
 async fn ingress_closes_a_tcp_tunnel_whose_egress_went_silent() {
-    let (_s, _, ingress_ctx, egress, ingress) =
-        frozen_tunnel(Duration::from_secs(60), Duration::from_millis(400), true).await;
-    assert_eq!(tcp_gauge(&ingress_ctx.metrics, true), 1);
-    eventually(|| tcp_gauge(&ingress_ctx.metrics, true) == 0).await;
-    egress.stop().await;
-    ingress.stop().await;
+    let mut w = HoleWorld::start(Duration::from_secs(60), Duration::from_millis(400)).await;
+    assert_eq!(tcp_gauge(&w.ingress_ctx.metrics, true), 1);
+    w.freeze().await;
+    eventually(|| tcp_gauge(&w.ingress_ctx.metrics, true) == 0).await;
+    w.stop().await;
 }
 
-/// PINGs keep a quiet but healthy tunnel alive on both sides: an app connection silent for
-/// many times `dead_after` still works, on the same pooled connection.
+/// PINGs keep a quiet but healthy tunnel alive on both sides: an app connection that stays
+/// silent while many keep-alives cross (several times `dead_after`) still works, on the same
+/// pooled connection.
 #[tokio::test]
 async fn quiet_tcp_tunnels_stay_up() {
     let dead_after = Duration::from_millis(200);
-    let (mut s, egress_ctx, ingress_ctx, egress, ingress) =
-        frozen_tunnel(dead_after, dead_after, false).await;
-    // Nothing but keep-alives crosses for 5 x dead_after.
-    tokio::time::sleep(dead_after * 5).await;
-    s.write_all(b"c").await.unwrap();
+    let mut w = HoleWorld::start(dead_after, dead_after).await;
+    // A keep-alive crosses at most every 2 ticks of dead_after / 4: 20 each way is at least
+    // 2.5 x dead_after of nothing but keep-alives.
+    let before = w.hole.forwarded();
+    eventually(|| {
+        let now = w.hole.forwarded();
+        now[0] >= before[0] + 20 && now[1] >= before[1] + 20
+    })
+    .await;
+    w.app.write_all(b"c").await.unwrap();
     let mut b = [0u8; 1];
-    within(s.read_exact(&mut b)).await.unwrap();
+    within(w.app.read_exact(&mut b)).await.unwrap();
     assert_eq!(&b, b"c");
-    assert_eq!(tcp_gauge(&egress_ctx.metrics, false), 1);
-    assert_eq!(tcp_gauge(&ingress_ctx.metrics, true), 1);
-    egress.stop().await;
-    ingress.stop().await;
+    assert_eq!(tcp_gauge(&w.egress_ctx.metrics, false), 1);
+    assert_eq!(tcp_gauge(&w.ingress_ctx.metrics, true), 1);
+    w.stop().await;
 }
