@@ -121,20 +121,12 @@ impl Server {
                 // New certificates are picked up for the next connection to route-sync.
                 let _reload = rs.tls.watch(files, tls_poll, background.clone());
                 let (state, _task) = rs.spawn(self.routes.clone(), background.clone());
-                let (health, stop) = (self.health.clone(), background.clone());
-                let routes = self.routes.clone();
-                tokio::spawn(async move {
-                    let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
-                    loop {
-                        tokio::select! {
-                            () = stop.cancelled() => return,
-                            _ = tick.tick() => {}
-                        }
-                        let stale = state.stale.load(std::sync::atomic::Ordering::Acquire);
-                        health.set_stale(stale);
-                        if !stale || !routes.snapshot().is_empty() {
-                            health.set_ready();
-                        }
+                let (health, routes) = (self.health.clone(), self.routes.clone());
+                // Ready once route-sync answered, or the cache gave a table to serve.
+                let _report = state.report(background.clone(), move |stale| {
+                    health.set_stale(stale);
+                    if !stale || !routes.snapshot().is_empty() {
+                        health.set_ready();
                     }
                 });
             }

@@ -139,17 +139,8 @@ impl Gateway {
                 let (state, _task) = rs.spawn(self.ctx.routes.clone(), background.clone());
                 // Health says "stale" while the table is last-known-good.
                 let health = self.health.clone();
-                let stop = background.clone();
-                tokio::spawn(async move {
-                    let mut tick = tokio::time::interval(Duration::from_millis(250));
-                    loop {
-                        tokio::select! {
-                            () = stop.cancelled() => return,
-                            _ = tick.tick() => {}
-                        }
-                        health.set_stale(state.stale.load(std::sync::atomic::Ordering::Acquire));
-                    }
-                });
+                let _report =
+                    state.report(background.clone(), move |stale| health.set_stale(stale));
             }
         }
         let admin = tokio::spawn(self.admin.serve(background.clone()));

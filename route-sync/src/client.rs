@@ -50,6 +50,27 @@ pub struct SourceState {
     pub cached_revision: AtomicU64,
 }
 
+impl SourceState {
+    /// Calls `f` with the staleness every 250 ms until `cancel`: how a consumer keeps its
+    /// health (`/healthz` says "stale", readiness) in step with its table.
+    pub fn report(
+        self: Arc<Self>,
+        cancel: CancellationToken,
+        mut f: impl FnMut(bool) + Send + 'static,
+    ) -> JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                f(self.stale.load(Ordering::Acquire));
+            }
+        })
+    }
+}
+
 impl RouteSyncSource {
     /// Loads the cache into `store` (stale), then follows the server until `cancel`.
     pub fn spawn(
