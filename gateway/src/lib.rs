@@ -139,13 +139,24 @@ pub(crate) fn quic_transport(
     t
 }
 
-/// How a QUIC connection keeps itself alive and notices a dead peer.
+/// How a tunnel connection (QUIC, or HTTP/2 over TLS) keeps itself alive and notices a dead
+/// peer.
 #[derive(Clone, Copy, Debug)]
 pub struct Liveness {
-    /// A PING when nothing else was sent for this long.
+    /// A PING after this long without traffic (QUIC: sent; HTTP/2: heard).
     pub keep_alive: Duration,
     /// Closed as dead after hearing nothing for this long (the lower of both sides' wins).
     pub dead_after: Duration,
+}
+
+impl Liveness {
+    /// Dead after `dead_after` of silence, keep-alives after a quarter of it.
+    pub fn after(dead_after: Duration) -> Self {
+        Self {
+            keep_alive: dead_after / 4,
+            dead_after,
+        }
+    }
 }
 
 /// Pumps one tunneled connection with its metrics: opened/active/closed, bytes, and a

@@ -183,7 +183,7 @@ impl Pool {
                     cfg.max_streams_per_connection,
                     cfg.stream_window,
                     cfg.connection_window,
-                    liveness(&cfg),
+                    crate::Liveness::after(cfg.dead_after.get()),
                 )));
                 Some(client)
             } else {
@@ -442,10 +442,6 @@ impl Pool {
         self.dial_h2(peer, endpoint).await
     }
 
-    fn liveness(&self) -> crate::Liveness {
-        liveness(&self.cfg)
-    }
-
     async fn dial_h2(&self, peer: &Peer, endpoint: &Endpoint) -> Result<Conn, String> {
         let metrics = &self.ctx.metrics;
         let tcp = timeout(
@@ -498,7 +494,7 @@ impl Pool {
         // hold every stream of this connection until the kernel gives up retransmitting.
         let mut watchdog = connection
             .ping_pong()
-            .map(|pings| Watchdog::new(heard, pings, self.liveness()));
+            .map(|pings| Watchdog::new(heard, pings, crate::Liveness::after(dead_after)));
         tokio::spawn(async move {
             tokio::select! {
                 biased;
@@ -660,13 +656,5 @@ impl Opened {
             self.leftover = Bytes::new();
         }
         Ok(())
-    }
-}
-
-/// Keep-alives at a quarter of `dead_after`, on both transports.
-fn liveness(cfg: &PoolConfig) -> crate::Liveness {
-    crate::Liveness {
-        keep_alive: cfg.dead_after.get() / 4,
-        dead_after: cfg.dead_after.get(),
     }
 }

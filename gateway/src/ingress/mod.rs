@@ -291,10 +291,7 @@ async fn serve_tcp(
 /// `pool.dead_after` is usually far shorter (it picks how fast a dead ingress is noticed, and
 /// its keep-alives keep this side hearing); this reclaims what a vanished egress left behind.
 fn liveness(cfg: &IngressConfig) -> crate::Liveness {
-    crate::Liveness {
-        keep_alive: cfg.dead_after.get() / 4,
-        dead_after: cfg.dead_after.get(),
-    }
+    crate::Liveness::after(cfg.dead_after.get())
 }
 
 async fn h2_stream(
