@@ -223,8 +223,9 @@ struct Saved {
     now: bool,
 }
 
-/// Keeps the cache file trailing the table, off the follow loop: saving is O(routes), about
-/// 0.3 s at 250,000, and updates keep being applied meanwhile. Changes are batched until the
+/// Keeps the cache file trailing the table, off the follow loop and off the runtime's
+/// workers (the gateway's data plane shares them): saving is O(routes) of file I/O, and
+/// updates keep being applied meanwhile. Changes are batched until the
 /// stream has been quiet for 200 ms or for at most a second; a snapshot is saved at once.
 async fn save_loop(
     path: PathBuf,
