@@ -221,6 +221,17 @@ impl MeshCa {
         &self.trust_domain
     }
 
+    /// Issues a leaf for `spec` and returns it as a live [`crate::MeshTls`] trusting this CA
+    /// alone: an in-process component (or a test) without files.
+    ///
+    /// # Errors
+    /// As [`MeshCa::issue`].
+    pub fn mesh_tls(&self, spec: &LeafSpec) -> Result<crate::MeshTls, CertsError> {
+        let leaf = self.issue(spec)?;
+        let bundle = crate::TrustBundle::from_pem(self.cert_pem().as_bytes())?;
+        Ok(crate::MeshTls::new(leaf.identity()?, bundle))
+    }
+
     /// Issues a leaf for `spec` with a fresh ECDSA P-256 key.
     ///
     /// # Errors

@@ -41,7 +41,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use isthmus_certs::ca::{LeafSpec, MeshCa};
-use isthmus_certs::{MeshTls, TlsFiles, TrustBundle};
+use isthmus_certs::{MeshTls, TlsFiles};
 use isthmus_route_sync::client::RouteSyncSource;
 use isthmus_route_sync::node::{Node, NodeSettings, PeerSpec};
 use isthmus_route_sync::{Backend, ClusterName, Protocol, Route, RouteKey, RouteName, RouteStore};
@@ -320,17 +320,12 @@ impl NodeProcess {
 }
 
 fn mesh_tls(ca: &MeshCa, cluster: &str, component: &str) -> MeshTls {
-    let leaf = ca
-        .issue(&LeafSpec::new(
-            cluster,
-            component,
-            Duration::from_secs(3600),
-        ))
-        .unwrap();
-    MeshTls::new(
-        leaf.identity().unwrap(),
-        TrustBundle::from_pem(ca.cert_pem().as_bytes()).unwrap(),
-    )
+    ca.mesh_tls(&LeafSpec::new(
+        cluster,
+        component,
+        Duration::from_secs(3600),
+    ))
+    .unwrap()
 }
 
 // ---- The benchmark process ------------------------------------------------------------------

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use isthmus_certs::ca::{LeafSpec, MeshCa};
-use isthmus_certs::{MeshTls, TrustBundle};
+use isthmus_certs::MeshTls;
 use isthmus_route_sync::client::RouteSyncSource;
 use isthmus_route_sync::node::{Node, NodeHandle, NodeSettings, PeerSpec};
 use isthmus_route_sync::{Backend, ClusterName, Protocol, Route, RouteKey, RouteName, RouteStore};
@@ -17,17 +17,12 @@ use tokio_util::sync::CancellationToken;
 const TD: &str = "mesh.local";
 
 fn tls(ca: &MeshCa, cluster: &str, component: &str) -> MeshTls {
-    let leaf = ca
-        .issue(&LeafSpec::new(
-            cluster,
-            component,
-            Duration::from_secs(3600),
-        ))
-        .unwrap();
-    MeshTls::new(
-        leaf.identity().unwrap(),
-        TrustBundle::from_pem(ca.cert_pem().as_bytes()).unwrap(),
-    )
+    ca.mesh_tls(&LeafSpec::new(
+        cluster,
+        component,
+        Duration::from_secs(3600),
+    ))
+    .unwrap()
 }
 
 fn c(s: &str) -> ClusterName {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use isthmus_certs::ca::{LeafSpec, MeshCa};
-use isthmus_certs::{MeshTls, PeerPolicy, TrustBundle};
+use isthmus_certs::{MeshTls, PeerPolicy};
 use isthmus_gateway::Context;
 use isthmus_gateway::config::{EgressConfig, IngressConfig, PeerConfig, Transport};
 use isthmus_gateway::egress::Egress;
@@ -43,16 +43,13 @@ impl Mesh {
     }
 
     pub fn tls(&self, cluster: &str, component: &str) -> MeshTls {
-        let leaf = self
-            .ca
-            .issue(&LeafSpec::new(
+        self.ca
+            .mesh_tls(&LeafSpec::new(
                 cluster,
                 component,
                 Duration::from_secs(3600),
             ))
-            .unwrap();
-        let bundle = TrustBundle::from_pem(self.ca.cert_pem().as_bytes()).unwrap();
-        MeshTls::new(leaf.identity().unwrap(), bundle)
+            .unwrap()
     }
 
     pub fn context(&self, cluster: &str, routes: &RouteStore) -> Context {

@@ -534,15 +534,11 @@ impl World {
     /// # Errors
     /// The handshake fails.
     pub async fn ingress_serial(&self, c: Cluster, i: u8) -> anyhow::Result<String> {
-        let leaf = self.ca.issue(&LeafSpec::new(
+        let tls = self.ca.mesh_tls(&LeafSpec::new(
             c.other().name(),
             "gateway",
             Duration::from_secs(600),
         ))?;
-        let tls = isthmus_certs::MeshTls::new(
-            leaf.identity()?,
-            isthmus_certs::TrustBundle::from_pem(self.ca.cert_pem().as_bytes())?,
-        );
         let policy = isthmus_certs::PeerPolicy::new(vec![isthmus_certs::PeerRule::TrustDomain {
             trust_domain: TRUST_DOMAIN.into(),
             path_prefix: format!("/cluster/{c}"),
