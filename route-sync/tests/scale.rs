@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use isthmus_certs::ca::{LeafSpec, MeshCa};
 use isthmus_certs::MeshTls;
+use isthmus_certs::ca::{LeafSpec, MeshCa};
 use isthmus_route_sync::client::RouteSyncSource;
 use isthmus_route_sync::node::{Node, NodeHandle, NodeSettings, PeerSpec};
 use isthmus_route_sync::{Backend, RouteStore};
