@@ -2,36 +2,24 @@
 //! a load larger than half the table travels as a chunked snapshot, and a delta larger than
 //! a chunk travels in chunks and is applied whole. In-process, real mTLS gRPC on loopback.
 
+mod common;
+
+use common::{TD, c, eventually, tls};
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use isthmus_certs::MeshTls;
-use isthmus_certs::ca::{LeafSpec, MeshCa};
+use isthmus_certs::ca::MeshCa;
 use isthmus_route_sync::client::RouteSyncSource;
 use isthmus_route_sync::node::{Node, NodeHandle, NodeSettings, PeerSpec};
 use isthmus_route_sync::{Backend, RouteStore};
-use isthmus_route_sync::{ClusterName, PeerSelector, Protocol, Route, RouteKey, RouteName};
+use isthmus_route_sync::{PeerSelector, Protocol, Route, RouteKey, RouteName};
 use tokio::net::TcpListener;
-use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
-const TD: &str = "mesh.local";
 /// More than two chunks of 5,000.
 const ROUTES: usize = 12_000;
-
-fn tls(ca: &MeshCa, cluster: &str, component: &str) -> MeshTls {
-    ca.mesh_tls(&LeafSpec::new(
-        cluster,
-        component,
-        Duration::from_secs(3600),
-    ))
-    .unwrap()
-}
-
-fn c(s: &str) -> ClusterName {
-    ClusterName::parse(s).unwrap()
-}
 
 fn key(i: usize) -> RouteKey {
     RouteKey::new(
@@ -106,16 +94,6 @@ fn start(ca: &MeshCa, cluster: &str, listener: TcpListener, peer: (&str, SocketA
     running
 }
 
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    timeout(Duration::from_secs(20), async {
-        while !f() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("timed out: {what}"));
-}
-
 fn weight(store: &RouteStore, i: usize) -> Option<u32> {
     store
         .snapshot()
@@ -142,7 +120,7 @@ async fn large_loads_and_deltas_arrive_whole_and_routes_are_kept_once() {
         cache: None,
     }
     .spawn(consumer.clone(), diego.cancel.clone());
-    eventually("the peer connected", || {
+    eventually("the peer connected", Duration::from_secs(20), || {
         k8s.handle
             .peer("diego")
             .is_some_and(|p| p.state == "connected")
@@ -152,7 +130,7 @@ async fn large_loads_and_deltas_arrive_whole_and_routes_are_kept_once() {
 
     // A load into a table that was empty: the peer, already watching, gets it as a snapshot.
     diego.local.replace_all((0..ROUTES).map(|i| route(i, 1)));
-    eventually("the load at the consumer", || {
+    eventually("the load at the consumer", Duration::from_secs(20), || {
         consumer.snapshot().len() == ROUTES
     })
     .await;
@@ -181,7 +159,7 @@ async fn large_loads_and_deltas_arrive_whole_and_routes_are_kept_once() {
         k8s.handle.peer("diego").unwrap().deltas,
     );
     diego.local.apply((0..changed).map(|i| route(i, 2)), []);
-    eventually("the delta at the consumer", || {
+    eventually("the delta at the consumer", Duration::from_secs(20), || {
         weight(&consumer, changed - 1) == Some(2) && weight(&consumer, 0) == Some(2)
     })
     .await;

@@ -1,33 +1,21 @@
 //! route-sync end to end, in-process, real mTLS gRPC on loopback: peering, deletion, resume
 //! without snapshot, partitions, bad data, and three clusters without loops.
 
+mod common;
+
+use common::{TD, c, eventually, tls};
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use isthmus_certs::MeshTls;
-use isthmus_certs::ca::{LeafSpec, MeshCa};
+use isthmus_certs::ca::MeshCa;
 use isthmus_route_sync::client::RouteSyncSource;
 use isthmus_route_sync::node::{Node, NodeHandle, NodeSettings, PeerSpec};
-use isthmus_route_sync::{Backend, ClusterName, Protocol, Route, RouteKey, RouteName, RouteStore};
+use isthmus_route_sync::{Backend, Protocol, Route, RouteKey, RouteName, RouteStore};
 use tokio::net::TcpListener;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
-
-const TD: &str = "mesh.local";
-
-fn tls(ca: &MeshCa, cluster: &str, component: &str) -> MeshTls {
-    ca.mesh_tls(&LeafSpec::new(
-        cluster,
-        component,
-        Duration::from_secs(3600),
-    ))
-    .unwrap()
-}
-
-fn c(s: &str) -> ClusterName {
-    ClusterName::parse(s).unwrap()
-}
 
 fn key(name: &str) -> RouteKey {
     RouteKey::new(RouteName::parse(name).unwrap(), 8080)
@@ -105,16 +93,6 @@ fn start(
 
 async fn listener() -> TcpListener {
     TcpListener::bind("127.0.0.1:0").await.unwrap()
-}
-
-async fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    timeout(limit, async {
-        while !f() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("timed out: {what}"));
 }
 
 fn consumer(
