@@ -88,6 +88,7 @@ fn route(i: usize, marker: u32) -> Route {
             .unwrap(),
         ],
         weights,
+        vip: None,
         revision: 0,
     }
 }

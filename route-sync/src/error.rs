@@ -57,6 +57,12 @@ pub enum InvalidRoute {
         /// The route.
         route: String,
     },
+    /// A VIP that is not an IPv4 or IPv6 address.
+    #[error("VIP {value:?} is invalid: expected an IPv4 or IPv6 address such as 100.64.0.7")]
+    Vip {
+        /// The text as received.
+        value: String,
+    },
 }
 
 /// A route source could not produce a table; the previous table stays in force.

@@ -353,6 +353,7 @@ mod tests {
             allowed_peers: vec![],
             backends: vec![Backend::parse("10.0.0.1:8080").unwrap()],
             weights: Default::default(),
+            vip: None,
             revision: 0,
         })
     }

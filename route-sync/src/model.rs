@@ -374,6 +374,12 @@ pub struct Route {
     pub backends: Vec<Backend>,
     /// Traffic share per cluster, for gradual shifting. Empty means all to `home_cluster`.
     pub weights: BTreeMap<ClusterName, u32>,
+    /// The virtual IP this cluster's route-sync assigned to the route's name: the one
+    /// address the DNS shim answers and the egress recognises for it. Assigned only by the
+    /// merged table of a cluster (never by a source, never taken from a peer), the same for
+    /// every port of the name, and kept as long as the name exists. `None` when the cluster
+    /// has no VIP range.
+    pub vip: Option<std::net::IpAddr>,
     /// The table revision at which this route last changed.
     pub revision: u64,
 }
@@ -398,6 +404,7 @@ impl Route {
             && self.allowed_peers == other.allowed_peers
             && self.backends == other.backends
             && self.weights == other.weights
+            && self.vip == other.vip
     }
 }
 

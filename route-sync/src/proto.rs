@@ -51,6 +51,10 @@ impl Route {
                 .iter()
                 .map(|(c, w)| (c.as_str().to_owned(), *w))
                 .collect(),
+            vip: match (with_backends, route.vip) {
+                (true, Some(ip)) => ip.to_string(),
+                _ => String::new(),
+            },
             revision: route.revision,
         }
     }
@@ -94,6 +98,13 @@ impl Route {
                 .iter()
                 .map(|(c, w)| Ok((names.cluster(c)?, *w)))
                 .collect::<Result<_, InvalidRoute>>()?,
+            vip: if self.vip.is_empty() {
+                None
+            } else {
+                Some(self.vip.parse().map_err(|_| InvalidRoute::Vip {
+                    value: self.vip.clone(),
+                })?)
+            },
             revision: self.revision,
         })
     }
@@ -178,6 +189,7 @@ mod tests {
             allowed_peers: vec!["cluster:k8s".into()],
             backends: vec!["10.0.0.1:8080".into()],
             weights: [("diego".to_string(), 1)].into(),
+            vip: "100.64.0.7".into(),
             revision: 3,
         }
     }

@@ -38,6 +38,7 @@ fn route(i: usize, weight: u32) -> Route {
         allowed_peers: vec![PeerSelector::parse("cluster:k8s").unwrap()],
         backends: vec![Backend::parse("10.1.2.3:8080").unwrap()],
         weights: [(c("diego"), weight)].into(),
+        vip: None,
         revision: 0,
     }
 }

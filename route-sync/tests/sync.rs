@@ -30,6 +30,7 @@ fn route(name: &str, home: &str, exported: bool) -> Route {
         allowed_peers: vec![],
         backends: vec![Backend::parse("10.1.2.3:8080").unwrap()],
         weights: Default::default(),
+        vip: None,
         revision: 0,
     }
 }

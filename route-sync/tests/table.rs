@@ -14,6 +14,7 @@ fn route(authority: &str, home: &str) -> Route {
         allowed_peers: vec![],
         backends: vec![],
         weights: Default::default(),
+        vip: None,
         revision: 0,
     }
 }

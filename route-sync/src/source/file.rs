@@ -102,6 +102,7 @@ impl RawRoute {
             allowed_peers,
             backends,
             weights,
+            vip: None,
             revision: 0,
         })
     }
