@@ -26,11 +26,11 @@ fn namespaces_isolate_the_clusters_and_the_gateways_connect_them() {
         // Inside k8s, the echo instance answers at its own address...
         world
             .net(k8s)
-            .run(client::call_echo(echo))
+            .run(client::call_echo(echo, "echo"))
             .await
             .expect("echo answers inside k8s");
         // ...which from diego is not reachable at all.
-        let direct = world.net(diego).run(client::call_echo(echo)).await;
+        let direct = world.net(diego).run(client::call_echo(echo, "echo")).await;
         assert!(
             direct.is_err(),
             "diego reached k8s's echo instance {echo} directly: namespaces do not isolate"

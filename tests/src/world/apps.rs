@@ -19,7 +19,9 @@ use tokio_util::task::TaskTracker;
 pub enum AppKind {
     /// HTTP/1.1: answers `GET` with `<app> served by <cluster>/<instance>`.
     Http,
-    /// Echoes every byte until the caller half-closes.
+    /// Says who it is on a first line (`<app> served by <cluster>/<instance>`), then echoes
+    /// every byte until the caller half-closes: a server-speaks-first protocol, so a caller
+    /// knows which app it reached even over raw TCP.
     Echo,
 }
 
@@ -60,7 +62,7 @@ impl Instance {
                         t.spawn(async move {
                             let _ = match kind {
                                 AppKind::Http => serve_http(socket, &body).await,
-                                AppKind::Echo => serve_echo(socket).await,
+                                AppKind::Echo => serve_echo(socket, &body).await,
                             };
                         });
                     }
@@ -101,7 +103,8 @@ async fn serve_http(mut socket: TcpStream, body: &str) -> std::io::Result<()> {
     socket.shutdown().await
 }
 
-async fn serve_echo(mut socket: TcpStream) -> std::io::Result<()> {
+async fn serve_echo(mut socket: TcpStream, banner: &str) -> std::io::Result<()> {
+    socket.write_all(banner.as_bytes()).await?;
     let (mut r, mut w) = socket.split();
     tokio::io::copy(&mut r, &mut w).await?;
     w.shutdown().await

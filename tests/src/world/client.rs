@@ -64,12 +64,78 @@ pub async fn lookup(dns: SocketAddr, name: &str) -> anyhow::Result<IpAddr> {
     bail!("{name}: no answer from {dns} in 2 s")
 }
 
+/// Which app instance answered a call, as the app says it: `<app> served by
+/// <cluster>/<instance>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Served {
+    /// The app's short name (`orders`).
+    pub app: String,
+    /// The cluster it runs in.
+    pub cluster: String,
+    /// The instance (`orders-k8s-0`).
+    pub instance: String,
+}
+
+impl Served {
+    /// Parses the self-description every world app sends.
+    ///
+    /// # Errors
+    /// Text of another shape.
+    pub fn parse(text: &str) -> anyhow::Result<Served> {
+        let line = text.lines().next().unwrap_or("").trim();
+        let (app, place) = line
+            .split_once(" served by ")
+            .ok_or_else(|| anyhow!("{line:?} is not `<app> served by <cluster>/<instance>`"))?;
+        let (cluster, instance) = place
+            .split_once('/')
+            .ok_or_else(|| anyhow!("{line:?}: no `<cluster>/<instance>`"))?;
+        Ok(Served {
+            app: app.to_string(),
+            cluster: cluster.to_string(),
+            instance: instance.to_string(),
+        })
+    }
+}
+
+impl std::fmt::Display for Served {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} served by {}/{}",
+            self.app, self.cluster, self.instance
+        )
+    }
+}
+
+/// A reply from an app other than the one called: the worst outcome a mesh can have, so it
+/// is its own error, counted apart from other failures.
+#[derive(Debug, thiserror::Error)]
+#[error("wrong app: called {wanted}, answered by {served}")]
+pub struct WrongApp {
+    /// The app the caller named.
+    pub wanted: String,
+    /// Who answered.
+    pub served: Served,
+}
+
+fn expect_app(served: Served, wanted: &str) -> anyhow::Result<Served> {
+    if served.app == wanted {
+        Ok(served)
+    } else {
+        Err(WrongApp {
+            wanted: wanted.to_string(),
+            served,
+        }
+        .into())
+    }
+}
+
 /// Calls an HTTP app: `GET /` with the route as Host, one request per connection. Returns
-/// the body's `served by <cluster>/<instance>`.
+/// who served it, which must be `app`.
 ///
 /// # Errors
-/// Anything but a complete 200 with that body.
-pub async fn call_http(addr: SocketAddr, host: &str) -> anyhow::Result<String> {
+/// Anything but a complete 200 from `app`; [`WrongApp`] when another app answered.
+pub async fn call_http(addr: SocketAddr, host: &str, app: &str) -> anyhow::Result<Served> {
     let mut s = timeout(CALL_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| anyhow!("connect to {addr} timed out"))?
@@ -90,19 +156,17 @@ pub async fn call_http(addr: SocketAddr, host: &str) -> anyhow::Result<String> {
             text.lines().next().unwrap_or("(empty reply)")
         );
     }
-    let served = text
-        .split("served by ")
-        .nth(1)
-        .map(|s| s.trim().to_string())
-        .ok_or_else(|| anyhow!("{host} via {addr}: a reply without `served by`"))?;
-    Ok(served)
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let served = Served::parse(body).with_context(|| format!("{host} via {addr}"))?;
+    expect_app(served, app)
 }
 
-/// Sends 64 random bytes to a TCP echo app, half-closes, and checks they all come back.
+/// Reads the echo app's first line (who it is), sends 64 random bytes, half-closes, and
+/// checks they all come back. Returns who served it, which must be `app`.
 ///
 /// # Errors
-/// A connection failure or different bytes.
-pub async fn call_echo(addr: SocketAddr) -> anyhow::Result<()> {
+/// A connection failure, different bytes; [`WrongApp`] when another app answered.
+pub async fn call_echo(addr: SocketAddr, app: &str) -> anyhow::Result<Served> {
     let mut s = timeout(CALL_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| anyhow!("connect to {addr} timed out"))?
@@ -117,13 +181,23 @@ pub async fn call_echo(addr: SocketAddr) -> anyhow::Result<()> {
     .await
     .map_err(|_| anyhow!("echo via {addr}: no complete reply in 3 s"))?
     .with_context(|| format!("echo via {addr}"))?;
-    if back != sent {
+    let Some(newline) = back.iter().position(|b| *b == b'\n') else {
         bail!(
-            "echo via {addr}: {} bytes back, not the 64 sent",
+            "echo via {addr}: no `served by` line in {} bytes",
             back.len()
         );
+    };
+    let served = Served::parse(&String::from_utf8_lossy(&back[..newline]))
+        .with_context(|| format!("echo via {addr}"))?;
+    let served = expect_app(served, app)?;
+    let echoed = &back[newline + 1..];
+    if echoed != sent {
+        bail!(
+            "echo via {addr}: {} bytes back, not the 64 sent",
+            echoed.len()
+        );
     }
-    Ok(())
+    Ok(served)
 }
 
 /// One stream of calls: from a cluster, to a route, by name.
@@ -135,6 +209,8 @@ pub struct Caller {
     pub dns: SocketAddr,
     /// The route name.
     pub name: String,
+    /// The app that must answer (its short name, as it introduces itself).
+    pub app: String,
     /// The route port.
     pub port: u16,
     /// HTTP or echo.
@@ -142,16 +218,18 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// One call: lookup, connect, exchange. Returns who served it (`-` for echo).
+    /// One call: lookup, connect, exchange. Returns who served it.
     ///
     /// # Errors
-    /// Any part failing.
-    pub async fn call(&self) -> anyhow::Result<String> {
+    /// Any part failing; [`WrongApp`] when an app other than `app` answered.
+    pub async fn call(&self) -> anyhow::Result<Served> {
         let ip = lookup(self.dns, &self.name).await?;
         let addr = SocketAddr::new(ip, self.port);
         match self.kind {
-            AppKind::Http => call_http(addr, &format!("{}:{}", self.name, self.port)).await,
-            AppKind::Echo => call_echo(addr).await.map(|()| "-".to_string()),
+            AppKind::Http => {
+                call_http(addr, &format!("{}:{}", self.name, self.port), &self.app).await
+            }
+            AppKind::Echo => call_echo(addr, &self.app).await,
         }
     }
 }
@@ -162,7 +240,14 @@ struct Sample {
     caller: usize,
     step: usize,
     latency: Duration,
-    outcome: Result<String, String>,
+    outcome: Result<Served, Failure>,
+}
+
+/// A failed call: why, and whether another app answered.
+#[derive(Clone, Debug)]
+struct Failure {
+    message: String,
+    wrong_app: bool,
 }
 
 /// Results of calls, kept by scenario step, and the calls still in flight by epoch (the
@@ -224,6 +309,17 @@ impl Recorder {
         counts
     }
 
+    /// Replies from an app other than the one called, so far, all steps (also counted
+    /// in [`failures`](Recorder::failures)).
+    pub fn wrong_app(&self) -> usize {
+        self.samples
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| matches!(&s.outcome, Err(f) if f.wrong_app))
+            .count()
+    }
+
     /// Failures so far, all steps.
     pub fn failures(&self) -> usize {
         self.samples
@@ -249,13 +345,13 @@ impl Recorder {
             row.requests += 1;
             match &s.outcome {
                 Ok(served) => {
-                    let who = served.split('/').next().unwrap_or("-").to_string();
-                    *row.served_by.entry(who).or_default() += 1;
+                    *row.served_by.entry(served.cluster.clone()).or_default() += 1;
                 }
                 Err(e) => {
                     row.failures += 1;
+                    row.wrong_app += usize::from(e.wrong_app);
                     if row.errors.len() < 3 {
-                        row.errors.push(e.clone());
+                        row.errors.push(e.message.clone());
                     }
                 }
             }
@@ -291,13 +387,15 @@ pub struct Row {
     pub caller: String,
     /// Calls finished.
     pub requests: usize,
-    /// Calls failed.
+    /// Calls failed, wrong-app replies included.
     pub failures: usize,
+    /// Calls answered by an app other than the one called.
+    pub wrong_app: usize,
     /// Median latency of a whole call (lookup, connect, exchange).
     pub p50: Duration,
     /// 99th percentile latency.
     pub p99: Duration,
-    /// Successful calls by the cluster that served them.
+    /// Successful calls (the right app answered) by the cluster that served them.
     pub served_by: BTreeMap<String, usize>,
     /// The first few errors.
     pub errors: Vec<String>,
@@ -341,7 +439,10 @@ impl Load {
                         }
                         let (epoch, step) = recorder.begin();
                         let started = Instant::now();
-                        let outcome = caller.call().await.map_err(|e| format!("{e:#}"));
+                        let outcome = caller.call().await.map_err(|e| Failure {
+                            wrong_app: e.downcast_ref::<WrongApp>().is_some(),
+                            message: format!("{e:#}"),
+                        });
                         recorder.end(
                             epoch,
                             Sample {

@@ -289,6 +289,14 @@ impl World {
         self.procs.keys().cloned().collect()
     }
 
+    /// The route cache file of a gateway or DNS shim process (`k8s/ingress-0`).
+    pub fn cache_of(&self, name: &str) -> PathBuf {
+        let (c, component) = split_name(name);
+        self.opts
+            .dir
+            .join(format!("state/{c}-{component}-routes.pb"))
+    }
+
     /// A process by name.
     ///
     /// # Panics
@@ -325,6 +333,7 @@ impl World {
             label: format!("{from} → {}", app.short()),
             dns: self.shim_addr(from),
             name: app.host(),
+            app: app.short().to_string(),
             port: app.port(),
             kind: app.kind(),
         }
@@ -681,10 +690,7 @@ impl World {
              admin: {{listen: \"{}\"}}\ndrain_timeout: 2s\n",
             self.tls_block(c, component),
             self.route_sync_endpoint(c),
-            self.opts
-                .dir
-                .join(format!("state/{c}-{component}-routes.pb"))
-                .display(),
+            self.cache_of(&format!("{c}/{component}")).display(),
             self.plan.private_at(c, h, port::ADMIN),
         )
     }

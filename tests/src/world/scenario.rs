@@ -276,8 +276,8 @@ async fn steps(
 /// The closing table.
 pub fn table(rows: &[Row]) -> String {
     let mut out = format!(
-        "{:<36} {:<16} {:>8} {:>8} {:>9} {:>9}  {}\n",
-        "step", "caller", "requests", "failures", "p50 ms", "p99 ms", "served by"
+        "{:<36} {:<16} {:>8} {:>8} {:>9} {:>9} {:>9}  {}\n",
+        "step", "caller", "requests", "failures", "wrong app", "p50 ms", "p99 ms", "served by"
     );
     let mut last = usize::MAX;
     for r in rows {
@@ -290,19 +290,19 @@ pub fn table(rows: &[Row]) -> String {
         let served: Vec<String> = r
             .served_by
             .iter()
-            .filter(|(who, _)| who.as_str() != "-")
             .map(|(who, n)| format!("{who} {n}"))
             .collect();
         out.push_str(&format!(
-            "{:<36} {:<16} {:>8} {:>8} {:>9.1} {:>9.1}  {}\n",
+            "{:<36} {:<16} {:>8} {:>8} {:>9} {:>9.1} {:>9.1}  {}\n",
             step,
             r.caller,
             r.requests,
             r.failures,
+            r.wrong_app,
             r.p50.as_secs_f64() * 1e3,
             r.p99.as_secs_f64() * 1e3,
             if served.is_empty() {
-                "(echo)".to_string()
+                "-".to_string()
             } else {
                 served.join(", ")
             }
