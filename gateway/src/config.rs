@@ -511,3 +511,40 @@ impl Validate for EgressConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Parses and validates an egress section as the file gives it (`peers: []` added).
+    fn egress(yaml: &str) -> Result<EgressConfig, String> {
+        let text = format!("peers: []\n{yaml}");
+        isthmus_runtime::config::from_str::<EgressConfig>(&text, std::path::Path::new("g.yaml"))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn vip_options_are_validated() {
+        assert!(
+            !EgressConfig::with_peers(Vec::new()).bind_vips,
+            "off by default"
+        );
+        assert!(egress("listen_address: 0.0.0.0\nvip_range: 100.64.0.0/16").is_ok());
+        assert!(egress("bind_vips: true\nvip_range: 127.77.0.0/16").is_ok());
+        assert!(egress("bind_vips: true\nlisten_address: 127.0.0.1").is_ok());
+        let err = egress("vip_range: 100.64.0.0/16").unwrap_err();
+        assert!(
+            err.contains("listen_address") && err.contains("bind_vips"),
+            "{err}"
+        );
+        let err = egress("vip_range: 100.64.1.0/16\nlisten_address: 0.0.0.0").unwrap_err();
+        assert!(err.contains("vip_range"), "{err}");
+        let err = egress("bind_vips: true\nlisten_address: 0.0.0.0").unwrap_err();
+        assert!(
+            err.contains("listen_address") && err.contains("wildcard"),
+            "{err}"
+        );
+        let err = egress("bind_vips: true\nlisten_address: \"::\"").unwrap_err();
+        assert!(err.contains("wildcard"), "{err}");
+    }
+}

@@ -459,7 +459,8 @@ async fn resolve(
 ///
 /// Apps reach a local route through the egress only in the moment a route moves back here:
 /// the DNS shim answered with the egress just before the route came home. Serving it
-/// locally, rather than refusing, keeps that moment free of failures.
+/// locally, rather than refusing, keeps that moment free of failures. [`admit`] has checked
+/// that the route is exported: this path must not reach what the ingress would refuse.
 async fn hairpin(
     shared: &Shared,
     mut socket: TcpStream,
