@@ -146,6 +146,81 @@ routes:
     }
 }
 
+/// Two routes on one port while one of them moves to k8s and back, under load: every reply
+/// comes from an app of the name the call carried, never from the port's other app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_never_reaches_the_other_app_of_its_port_while_a_route_moves() {
+    let (orders_k8s, _) = echo_backend("ORDERS-K8S:").await;
+    let (orders_diego, _) = echo_backend("ORDERS-DIEGO:").await;
+    let (billing, _) = echo_backend("BILLING:").await;
+    let port = free_port();
+    let billing_route = format!(
+        "  - {{name: billing.apps.internal, port: {port}, protocol: http, home_cluster: k8s, \
+         exported: true, allowed_peers: [cluster:diego], backends: [\"{billing}\"]}}\n"
+    );
+    let in_k8s = format!(
+        "routes:\n  - {{name: orders.apps.internal, port: {port}, protocol: http, \
+         home_cluster: k8s, exported: true, allowed_peers: [cluster:diego], \
+         backends: [\"{orders_k8s}\"]}}\n{billing_route}"
+    );
+    let in_diego = format!(
+        "routes:\n  - {{name: orders.apps.internal, port: {port}, protocol: http, \
+         home_cluster: diego, exported: true, backends: [\"{orders_diego}\"]}}\n{billing_route}"
+    );
+    let mesh = Mesh::new();
+    let (ingress_addr, ingress) =
+        start_ingress(mesh.context("k8s", &routes(&in_k8s)), ingress_cfg()).await;
+    let mut cfg = egress_to(ingress_addr, Transport::Tcp);
+    cfg.listen_address = Some("127.0.0.1".parse().unwrap());
+    let diego = routes(&in_diego);
+    let ctx = mesh.context("diego", &diego);
+    let running = run_egress(ctx.clone(), cfg).await;
+    let shared = at("127.0.0.1", port);
+    eventually(|| std::net::TcpStream::connect(shared).is_ok()).await;
+
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut callers = Vec::new();
+    for (host, apps) in [
+        (
+            "orders.apps.internal",
+            &["ORDERS-K8S:", "ORDERS-DIEGO:"][..],
+        ),
+        ("billing.apps.internal", &["BILLING:"][..]),
+    ] {
+        for _ in 0..2 {
+            let (done, stop) = (Arc::clone(&done), Arc::clone(&stop));
+            callers.push(tokio::spawn(async move {
+                let request = format!("GET / HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n");
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let out = within(exchange(shared, request.as_bytes())).await.unwrap();
+                    let out = String::from_utf8_lossy(&out).into_owned();
+                    assert!(
+                        apps.iter().any(|app| out == format!("{app}{request}")),
+                        "{host} answered by {out:?}"
+                    );
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }));
+        }
+    }
+    // Three moves each way, each after more calls have gone through.
+    let moved = routes(&in_k8s).snapshot();
+    let home = routes(&in_diego).snapshot();
+    for round in 1..=6 {
+        eventually(|| done.load(std::sync::atomic::Ordering::Relaxed) >= round * 20).await;
+        let table = if round % 2 == 1 { &moved } else { &home };
+        diego.replace_all(table.iter().map(|r| (**r).clone()));
+    }
+    eventually(|| done.load(std::sync::atomic::Ordering::Relaxed) >= 140).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for caller in callers {
+        within(caller).await.unwrap();
+    }
+    running.stop().await;
+    ingress.stop().await;
+}
+
 /// HTTP by Host and TLS by SNI on one shared port; the peeked bytes arrive intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_and_sni_routing_on_one_shared_port() {
