@@ -8,9 +8,10 @@
 //! longer reaches back (or at start). Maps are persistent (`imbl`): a new [`View`] shares
 //! every untouched node with the previous one, so publishing it is cheap too.
 //!
-//! No sockets and no clock here: [`Index::view`] is called from the connection path (which
-//! then decides with a table and an index that match) and from the task that keeps
-//! listeners in step with the table.
+//! No sockets and no clock here: [`Index::view`] is called from the task that keeps
+//! listeners in step with the table (which usually catches up first, right after a change)
+//! and from the connection path, so that a connection decides with a table and an index
+//! that match: whoever sees a newer table first brings the index up to it, once.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -46,6 +47,9 @@ pub struct View {
     ports_generation: u64,
     /// As `ports_generation`, for `vip_addrs`.
     vip_addrs_generation: u64,
+    /// Route changes applied to reach this view since the index was made: what keeping it
+    /// up to date has cost, in routes.
+    applied: u64,
 }
 
 impl View {
@@ -86,6 +90,7 @@ impl View {
     /// Accounts for the route under `key` changing from `old` to `new` (either may be
     /// absent: added, removed).
     fn apply(&mut self, key: &RouteKey, old: Option<&Route>, new: Option<&Route>, addrs: bool) {
+        self.applied += 1;
         let port_set_changed = match (old.is_some(), new.is_some()) {
             (false, true) => count_up(&mut self.ports, key.port),
             (true, false) => count_down(&mut self.ports, key.port),
@@ -127,10 +132,11 @@ impl View {
     }
 
     /// The view of `table` built from nothing.
-    fn build(table: Arc<RouteTable>, addrs: bool, generations: (u64, u64)) -> Self {
+    fn build(table: Arc<RouteTable>, addrs: bool, from: &View) -> Self {
         let mut view = View {
-            ports_generation: generations.0 + 1,
-            vip_addrs_generation: generations.1 + 1,
+            ports_generation: from.ports_generation + 1,
+            vip_addrs_generation: from.vip_addrs_generation + 1,
+            applied: from.applied,
             ..View::default()
         };
         for route in table.iter() {
@@ -214,7 +220,8 @@ impl Index {
             return current;
         }
         // The log answers with the keys changed up to a revision no older than `table`'s:
-        // keys changed after `table` look the same in both tables and change nothing.
+        // keys changed after `table` look the same in both tables and change nothing. More
+        // changes than the table holds routes: a rebuild is no more work.
         let next = match store.changes_since(current.table.revision()) {
             Some((_, delta)) if delta.upserted.len() + delta.removed.len() <= table.len() => {
                 let keys = delta
@@ -224,11 +231,7 @@ impl Index {
                     .chain(delta.removed.iter());
                 current.advance(table, keys, self.addrs)
             }
-            _ => View::build(
-                table,
-                self.addrs,
-                (current.ports_generation, current.vip_addrs_generation),
-            ),
+            _ => View::build(table, self.addrs, &current),
         };
         let next = Arc::new(next);
         self.published.store(Arc::clone(&next));
@@ -350,11 +353,55 @@ mod tests {
                 continue;
             }
             let incremental = index.view(&store);
-            let rebuilt = View::build(store.snapshot(), true, (0, 0));
+            let rebuilt = View::build(store.snapshot(), true, &View::default());
             assert_eq!(incremental.vips, rebuilt.vips, "step {step}");
             assert_eq!(incremental.ports, rebuilt.ports, "step {step}");
             assert_eq!(incremental.vip_addrs, rebuilt.vip_addrs, "step {step}");
         }
+    }
+
+    #[test]
+    fn one_change_in_a_large_table_costs_one_route() {
+        const N: usize = 20_000;
+        let template = routes(TWO, &[]).remove(0);
+        let route = |i: usize| {
+            let mut r = template.clone();
+            r.key = key(&format!("r{i}.apps.internal:80"));
+            r.vip = Some(IpAddr::from([
+                100,
+                64,
+                (i / 250) as u8,
+                (i % 250) as u8 + 1,
+            ]));
+            r
+        };
+        let store = RouteStore::new();
+        store.replace_all((0..N).map(route));
+        let index = Index::new(true);
+        let first = index.view(&store);
+        assert_eq!(first.applied, N as u64);
+        let mut moved = route(7);
+        moved.vip = Some("100.64.255.1".parse().unwrap());
+        store.apply([moved], [key("r9.apps.internal:80")]);
+        let second = index.view(&store);
+        assert_eq!(
+            second.applied - first.applied,
+            2,
+            "only the two changed routes"
+        );
+        assert_eq!(
+            second.vip_owner("100.64.255.1".parse().unwrap()),
+            VipOwner::One(&key("r7.apps.internal:80").name)
+        );
+        assert_eq!(
+            second.vip_owner(IpAddr::from([100, 64, 0, 8])),
+            VipOwner::None
+        );
+        assert_eq!(
+            second.vip_owner(IpAddr::from([100, 64, 0, 10])),
+            VipOwner::None
+        );
+        assert_eq!(second.vip_addrs().count(), N - 1);
     }
 
     #[test]

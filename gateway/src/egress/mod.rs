@@ -419,18 +419,26 @@ async fn resolve(
     let mut watch = None;
     let mut deadline = None;
     loop {
-        let view = shared.index.view(&ctx.routes);
-        let facts = Facts {
-            listener,
-            local,
-            peek: &peek,
+        // A dedicated listener needs no index: its route is known before any byte.
+        let (identified, table) = match listener {
+            Listener::Dedicated(key) => (Ok(Identified::Route(key.clone())), ctx.routes.snapshot()),
+            Listener::Shared | Listener::Vip => {
+                let view = shared.index.view(&ctx.routes);
+                let facts = Facts {
+                    listener,
+                    local,
+                    peek: &peek,
+                };
+                let identified = identify(&facts, shared.vip_range.as_ref(), &view);
+                (identified, Arc::clone(&view.table))
+            }
         };
-        let decided = match identify(&facts, shared.vip_range.as_ref(), &view) {
+        let decided = match identified {
             Ok(Identified::NeedsPeek) => {
                 (peek, peeked) = peek_name(shared, socket).await;
                 continue;
             }
-            Ok(Identified::Route(key)) => match admit(&key, &view.table, &ctx.cluster) {
+            Ok(Identified::Route(key)) => match admit(&key, &table, &ctx.cluster) {
                 Ok(route) => return Ok((route, peeked)),
                 Err(refusal) => Refused::Route(key, refusal),
             },
