@@ -1,6 +1,6 @@
 //! The egress role: carries local apps' connections to the route's home cluster.
 //!
-//! Which route a connection is for is decided by [`identify`], a pure function of what the
+//! Which route a connection is for is decided by [`identify()`], a pure function of what the
 //! connection showed (listener, local address, peeked Host or SNI) and the table: a
 //! **dedicated** listener names its route; a local address that is a route's **VIP** (the
 //! `vip` route-sync assigned, indexed by [`index`]) names that route; on a **shared**
@@ -400,7 +400,7 @@ async fn handle(
 }
 
 /// Finds the route of a connection, and the bytes peeked to find it: gathers the facts
-/// [`identify`] and [`admit`] decide on (peeking only when the decision needs a name), and
+/// [`identify()`] and [`admit`] decide on (peeking only when the decision needs a name), and
 /// while the refusal may change with the table, waits up to `route_wait` for it to.
 async fn resolve(
     shared: &Shared,
