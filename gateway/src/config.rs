@@ -10,8 +10,9 @@
 //! egress:
 //!   peers:
 //!     - {cluster: k8s, endpoints: ["10.0.8.5:15008", "10.0.8.6:15008"], transport: quic}
-//!   listen_address: 0.0.0.0      # one listener per port of remote routes (VIP, Host, SNI)
-//!   vip_range: 100.64.0.0/16
+//!   listen_address: 0.0.0.0      # one listener per port of any route (VIP, Host, SNI)
+//!   vip_range: 100.64.0.0/16     # addresses here are VIPs: never peeked
+//!   bind_vips: false             # true: also one listener per route vip:port
 //!   dedicated:
 //!     - {listen: "127.0.0.1:18080", route: "orders.apps.internal:8080"}
 //! ```
@@ -197,6 +198,9 @@ fn default_route_wait() -> HumanDuration {
 fn default_peek_bytes() -> usize {
     16 * 1024
 }
+fn default_bind_vips() -> bool {
+    false
+}
 
 impl Default for IngressConfig {
     fn default() -> Self {
@@ -260,13 +264,25 @@ pub struct DedicatedListener {
 pub struct EgressConfig {
     /// Peer clusters and their ingress endpoints.
     pub peers: Vec<PeerConfig>,
-    /// Bind one listener on this address for every port of a route homed elsewhere; a
-    /// connection's route is found by the VIP it arrived on, else by its Host header or SNI.
+    /// Bind one shared listener on this address for every port any route uses (local ones
+    /// too, so a route moving away finds its port open). A connection's route is the route
+    /// whose VIP it arrived on (a wildcard address catches VIP traffic routed to the host),
+    /// else the one its HTTP/1.x Host header or TLS SNI names; raw TCP on a shared address
+    /// that is no VIP is refused (`unidentified`).
     #[serde(default)]
     pub listen_address: Option<IpAddr>,
-    /// Per-route virtual IPs (the DNS shim hands out the same ones).
+    /// The CIDR route-sync assigns VIPs from. An address in it is taken as a VIP: it is
+    /// never peeked, and a connection to one that no route carries (yet) waits `route_wait`
+    /// for the table, then is refused (`unknown_vip`). The VIPs themselves come only from
+    /// the routes' `vip` field. Absent: only addresses that are some route's VIP count.
     #[serde(default)]
     pub vip_range: Option<String>,
+    /// Also bind one listener on each route's `vip:port` (local routes too), following the
+    /// table, for hosts where a wildcard `listen_address` cannot catch VIP traffic (several
+    /// test worlds on one machine, each on its own loopback addresses). Needs the VIPs to be
+    /// local addresses of the host; `listen_address`, if set, must then be a specific address.
+    #[serde(default = "default_bind_vips")]
+    pub bind_vips: bool,
     /// Listeners bound to one route each.
     #[serde(default)]
     pub dedicated: Vec<DedicatedListener>,
@@ -351,6 +367,7 @@ impl EgressConfig {
             peers,
             listen_address: None,
             vip_range: None,
+            bind_vips: default_bind_vips(),
             dedicated: Vec::new(),
             peek_timeout: default_handshake(),
             peek_max_bytes: default_peek_bytes(),
@@ -464,12 +481,19 @@ impl Validate for EgressConfig {
         if let Some(range) = &self.vip_range {
             isthmus_route_sync::vip::VipRange::parse(range)
                 .map_err(|_| FieldError::new("vip_range", "a CIDR such as 100.64.0.0/16"))?;
-            if self.listen_address.is_none() {
+            if self.listen_address.is_none() && !self.bind_vips {
                 return Err(FieldError::new(
                     "listen_address",
-                    "an address to bind (e.g. 0.0.0.0) when vip_range is set",
+                    "an address to bind (e.g. 0.0.0.0), or bind_vips: true, when vip_range is set",
                 ));
             }
+        }
+        if self.bind_vips && self.listen_address.is_some_and(|a| a.is_unspecified()) {
+            return Err(FieldError::new(
+                "listen_address",
+                "a specific address (or none) with bind_vips: true; a wildcard address \
+                 already holds every port, so per-VIP listeners could not bind",
+            ));
         }
         if self.pool.dead_after.get() < std::time::Duration::from_millis(100) {
             return Err(FieldError::new("pool.dead_after", "at least 100ms"));
@@ -485,5 +509,42 @@ impl Validate for EgressConfig {
         check_window("pool.stream_window", self.pool.stream_window)?;
         check_window("pool.connection_window", self.pool.connection_window)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Parses and validates an egress section as the file gives it (`peers: []` added).
+    fn egress(yaml: &str) -> Result<EgressConfig, String> {
+        let text = format!("peers: []\n{yaml}");
+        isthmus_runtime::config::from_str::<EgressConfig>(&text, std::path::Path::new("g.yaml"))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn vip_options_are_validated() {
+        assert!(
+            !EgressConfig::with_peers(Vec::new()).bind_vips,
+            "off by default"
+        );
+        assert!(egress("listen_address: 0.0.0.0\nvip_range: 100.64.0.0/16").is_ok());
+        assert!(egress("bind_vips: true\nvip_range: 127.77.0.0/16").is_ok());
+        assert!(egress("bind_vips: true\nlisten_address: 127.0.0.1").is_ok());
+        let err = egress("vip_range: 100.64.0.0/16").unwrap_err();
+        assert!(
+            err.contains("listen_address") && err.contains("bind_vips"),
+            "{err}"
+        );
+        let err = egress("vip_range: 100.64.1.0/16\nlisten_address: 0.0.0.0").unwrap_err();
+        assert!(err.contains("vip_range"), "{err}");
+        let err = egress("bind_vips: true\nlisten_address: 0.0.0.0").unwrap_err();
+        assert!(
+            err.contains("listen_address") && err.contains("wildcard"),
+            "{err}"
+        );
+        let err = egress("bind_vips: true\nlisten_address: \"::\"").unwrap_err();
+        assert!(err.contains("wildcard"), "{err}");
     }
 }

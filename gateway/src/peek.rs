@@ -9,8 +9,11 @@
 //! The caller keeps every byte it fed in and replays them to the far side once a route is
 //! chosen; nothing here consumes or rewrites the stream.
 //!
-//! This module is pure: no sockets, no clock. [`classify`] is called again with the whole
-//! buffer each time more bytes arrive and answers [`Peeked::NeedMore`] until it can decide.
+//! This module is pure: no sockets, no clock. A [`Peeker`] is handed the whole buffer each
+//! time more bytes arrive and answers [`Peeked::NeedMore`] until it can decide; it resumes
+//! where the previous call stopped (the scan for the end of an HTTP head, the TLS records
+//! already reassembled), so a client that sends one byte at a time costs O(n) in total, not
+//! O(n²). [`classify`] is the same decision in one call, for a buffer seen once.
 //! It faces untrusted bytes, so it never panics, never indexes out of bounds and checks
 //! every length field against the bytes actually present. It decides conservatively: a
 //! ClientHello counts only once it is complete, and an HTTP request only once its header
@@ -37,7 +40,7 @@ const MAX_METHOD: usize = 32;
 /// Largest TLS plaintext record fragment (RFC 8446 section 5.1).
 const MAX_TLS_RECORD: usize = 1 << 14;
 
-/// Classifies the first bytes of a connection.
+/// Classifies the first bytes of a connection in one call: as a new [`Peeker`] would.
 ///
 /// `buf` is every byte received so far; `max` is how many bytes the caller is willing to
 /// buffer before giving up. Only the first `max` bytes are looked at. While the bytes are a
@@ -45,19 +48,88 @@ const MAX_TLS_RECORD: usize = 1 << 14;
 /// [`Peeked::NeedMore`]; once `max` bytes have not been enough, it is
 /// [`Peeked::NotRecognised`].
 pub fn classify(buf: &[u8], max: usize) -> Peeked {
-    let window = buf.get(..max).unwrap_or(buf);
-    let can_grow = buf.len() < max;
-    let (outcome, too_large) = match window.first() {
-        None => (Err(Stop::Short), "peek limit reached before any byte"),
-        Some(&0x16) => (tls::server_name(window, max), "tls client hello too large"),
-        Some(b) if b.is_ascii_uppercase() => (http::host(window), "http headers too large"),
-        Some(_) => (Err(Stop::Bad("neither http/1.x nor tls")), ""),
-    };
-    match outcome {
-        Ok(host) => Peeked::Host(host),
-        Err(Stop::Short) if can_grow => Peeked::NeedMore,
-        Err(Stop::Short) => Peeked::NotRecognised(too_large),
-        Err(Stop::Bad(why)) => Peeked::NotRecognised(why),
+    Peeker::new(max).classify(buf)
+}
+
+/// Classifies a connection's first bytes as they arrive, resuming where the last call
+/// stopped.
+///
+/// Each call is given every byte received so far: the buffer of the previous call with
+/// more bytes appended (a caller that hands it anything else gets answers about bytes it
+/// did not see). Every call answers what [`classify`] would for that buffer; once the answer
+/// is not [`Peeked::NeedMore`], it stays the same.
+#[derive(Debug, Clone)]
+pub struct Peeker {
+    max: usize,
+    state: State,
+    examined: usize,
+    decided: Option<Peeked>,
+}
+
+#[derive(Debug, Clone)]
+enum State {
+    /// No byte seen yet.
+    Start,
+    Tls(tls::Reassembly),
+    Http(http::Scan),
+}
+
+impl Peeker {
+    /// A peeker that looks at no more than the first `max` bytes.
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            state: State::Start,
+            examined: 0,
+            decided: None,
+        }
+    }
+
+    /// Classifies `buf`, every byte received so far (see [`classify`] for the answers).
+    pub fn classify(&mut self, buf: &[u8]) -> Peeked {
+        if let Some(decided) = &self.decided {
+            return decided.clone();
+        }
+        let window = buf.get(..self.max).unwrap_or(buf);
+        let can_grow = buf.len() < self.max;
+        if matches!(self.state, State::Start) {
+            self.state = match window.first() {
+                None => State::Start,
+                Some(&0x16) => State::Tls(tls::Reassembly::default()),
+                Some(b) if b.is_ascii_uppercase() => State::Http(http::Scan::default()),
+                Some(_) => {
+                    return self.decide(Peeked::NotRecognised("neither http/1.x nor tls"));
+                }
+            };
+        }
+        let (outcome, too_large) = match &mut self.state {
+            State::Start => (Err(Stop::Short), "peek limit reached before any byte"),
+            State::Tls(tls) => (
+                tls.advance(window, self.max, &mut self.examined),
+                "tls client hello too large",
+            ),
+            State::Http(http) => (
+                http.advance(window, &mut self.examined),
+                "http headers too large",
+            ),
+        };
+        match outcome {
+            Ok(host) => self.decide(Peeked::Host(host)),
+            Err(Stop::Short) if can_grow => Peeked::NeedMore,
+            Err(Stop::Short) => self.decide(Peeked::NotRecognised(too_large)),
+            Err(Stop::Bad(why)) => self.decide(Peeked::NotRecognised(why)),
+        }
+    }
+
+    /// How many bytes the calls so far have examined, all scans and parses counted: grows
+    /// linearly with the bytes fed, however they were split into calls.
+    pub fn examined(&self) -> usize {
+        self.examined
+    }
+
+    fn decide(&mut self, answer: Peeked) -> Peeked {
+        self.decided = Some(answer.clone());
+        answer
     }
 }
 
@@ -200,63 +272,96 @@ mod tls {
         }
     }
 
-    /// Reassembles the ClientHello from handshake records and returns its SNI host name.
+    /// The ClientHello reassembled from the handshake records seen so far.
     ///
     /// A ClientHello may be fragmented over several records (RFC 8446 section 5.1), so
     /// fragments are concatenated until the handshake message's own length is satisfied.
-    pub(super) fn server_name(window: &[u8], max: usize) -> Result<String, Stop> {
-        let mut records = Reader::new(window);
-        let mut handshake: Vec<u8> = Vec::new();
-        // Whether every byte in `handshake` came from a complete record. A ClientHello is
-        // only trusted once the records carrying it are whole.
-        let mut whole = true;
-        while !message_complete(&handshake) {
-            let Some(header) = records.take(5) else { break };
-            let mut header = Reader::new(header);
-            let content_type = header.u8();
-            let major = header.u8();
-            let _minor = header.u8();
-            let len = header.u16().unwrap_or(0);
-            if content_type != Some(0x16) {
-                return Err(Stop::Bad("tls record is not a handshake"));
-            }
-            if major != Some(3) {
-                return Err(Stop::Bad("unsupported tls record version"));
-            }
-            // Empty handshake fragments are forbidden (RFC 8446 section 5.1) and would let
-            // a peer feed us records that make no progress.
-            if len == 0 || len > MAX_TLS_RECORD {
-                return Err(Stop::Bad("invalid tls record length"));
-            }
-            match records.take(len) {
-                Some(fragment) => handshake.extend_from_slice(fragment),
-                None => {
-                    // Keep the partial fragment: its first bytes may already show the
-                    // message is not a ClientHello or can never fit under `max`.
-                    handshake.extend_from_slice(records.rest);
-                    whole = false;
+    /// Each record's fragment is copied once, when the whole record has arrived; until then
+    /// only its header and the handshake header are looked at, so feeding a record one
+    /// byte at a time costs constant work per byte.
+    #[derive(Debug, Clone, Default)]
+    pub(super) struct Reassembly {
+        /// Fragments of the whole records taken so far.
+        handshake: Vec<u8>,
+        /// Where the next record header starts.
+        next_record: usize,
+    }
+
+    impl Reassembly {
+        /// Takes the records `window` completes, and returns the SNI host name once the
+        /// ClientHello is whole.
+        pub(super) fn advance(
+            &mut self,
+            window: &[u8],
+            max: usize,
+            examined: &mut usize,
+        ) -> Result<String, Stop> {
+            let mut partial: &[u8] = &[];
+            while !message_complete(&self.handshake) {
+                let rest = window.get(self.next_record..).unwrap_or_default();
+                let mut records = Reader::new(rest);
+                let Some(header) = records.take(5) else {
                     break;
+                };
+                *examined += 5;
+                let mut header = Reader::new(header);
+                let content_type = header.u8();
+                let major = header.u8();
+                let _minor = header.u8();
+                let len = header.u16().unwrap_or(0);
+                if content_type != Some(0x16) {
+                    return Err(Stop::Bad("tls record is not a handshake"));
+                }
+                if major != Some(3) {
+                    return Err(Stop::Bad("unsupported tls record version"));
+                }
+                // Empty handshake fragments are forbidden (RFC 8446 section 5.1) and would
+                // let a peer feed us records that make no progress.
+                if len == 0 || len > MAX_TLS_RECORD {
+                    return Err(Stop::Bad("invalid tls record length"));
+                }
+                match records.take(len) {
+                    Some(fragment) => {
+                        *examined += fragment.len();
+                        self.handshake.extend_from_slice(fragment);
+                        self.next_record += 5 + len;
+                    }
+                    None => {
+                        // Look into the partial fragment too: its first bytes may already
+                        // show the message is not a ClientHello or can never fit under `max`.
+                        partial = records.rest;
+                        break;
+                    }
                 }
             }
-        }
 
-        let mut message = Reader::new(&handshake);
-        if let Some(kind) = message.u8()
-            && kind != 1
-        {
-            return Err(Stop::Bad("tls handshake is not a client hello"));
-        }
-        if let Some(len) = message.u24() {
-            // One record header and the handshake header come on top of the body; if
-            // that cannot fit under `max`, waiting for it is pointless.
-            if len.saturating_add(9) > max {
-                return Err(Stop::Bad("tls client hello too large"));
+            // The handshake header: four bytes, from whole records first, then the partial
+            // one. Only whole records ever make the body.
+            let mut head = [0u8; 4];
+            let known = self.handshake.len().min(4);
+            head[..known].copy_from_slice(&self.handshake[..known]);
+            let more = partial.len().min(4 - known);
+            head[known..known + more].copy_from_slice(&partial[..more]);
+            *examined += known + more;
+            let mut message = Reader::new(&head[..known + more]);
+            if let Some(kind) = message.u8()
+                && kind != 1
+            {
+                return Err(Stop::Bad("tls handshake is not a client hello"));
             }
-            if whole && let Some(body) = message.take(len) {
-                return client_hello_sni(body).map_err(Stop::Bad);
+            if let Some(len) = message.u24() {
+                // One record header and the handshake header come on top of the body; if
+                // that cannot fit under `max`, waiting for it is pointless.
+                if len.saturating_add(9) > max {
+                    return Err(Stop::Bad("tls client hello too large"));
+                }
+                if let Some(body) = self.handshake.get(4..4 + len) {
+                    *examined += body.len();
+                    return client_hello_sni(body).map_err(Stop::Bad);
+                }
             }
+            Err(Stop::Short)
         }
-        Err(Stop::Short)
     }
 
     /// Whether `handshake` holds at least one whole handshake message.
@@ -339,35 +444,102 @@ mod http {
     const NOT_HTTP: &str = "neither http/1.x nor tls";
     const MALFORMED_LINE: &str = "malformed http request line";
 
-    /// Returns the normalised Host of an HTTP/1.x request head.
-    pub(super) fn host(window: &[u8]) -> Result<String, Stop> {
-        let method_len = window.iter().take_while(|b| b.is_ascii_uppercase()).count();
-        if method_len > MAX_METHOD {
-            return Err(Stop::Bad(NOT_HTTP));
-        }
-        match window.get(method_len) {
-            None => return Err(Stop::Short),
-            Some(b' ') => {}
-            Some(_) => return Err(Stop::Bad(NOT_HTTP)),
-        }
+    /// How far the scans of a request head have come. Each byte is scanned a bounded
+    /// number of times whatever the calls' sizes: every search resumes where the last
+    /// stopped (a few bytes back, for a terminator split between reads), and the request
+    /// line and the header block are parsed once each, when complete.
+    #[derive(Debug, Clone, Default)]
+    pub(super) struct Scan {
+        /// The method token and the space after it have been seen.
+        method_ok: bool,
+        /// Where the search for the blank line ending the head resumes.
+        end_from: usize,
+        /// Where the head's blank line starts, once seen.
+        end: Option<usize>,
+        /// Bytes before this are free of bare CR and LF.
+        checked: usize,
+        /// Where the search for the end of the request line resumes.
+        line_from: usize,
+        /// Where the request line ends, once seen and judged sound.
+        line_end: Option<usize>,
+    }
 
-        let end = find(window, b"\r\n\r\n");
-        // Bytes after the head are the body or the next request: not ours to judge.
-        let scope = match end {
-            Some(end) => window.get(..end.saturating_add(4)).unwrap_or(window),
-            None => window,
-        };
-        // A bare CR or LF is a line break to some parsers and not to others; letting one
-        // through could make us read a different Host than the server behind us does.
-        if has_bare_cr_or_lf(scope) {
-            return Err(Stop::Bad("bare cr or lf in http head"));
-        }
-        // Judge the request line as soon as it is complete so non-HTTP clients that
-        // happen to start with capitals are turned away without waiting for `max` bytes.
-        let line_end = find(scope, b"\r\n").ok_or(Stop::Short)?;
-        let target_authority = request_line(scope.get(..line_end).unwrap_or_default())?;
-        let end = end.ok_or(Stop::Short)?;
+    impl Scan {
+        /// Scans what `window` adds, and returns the normalised Host once the head is whole.
+        pub(super) fn advance(
+            &mut self,
+            window: &[u8],
+            examined: &mut usize,
+        ) -> Result<String, Stop> {
+            if !self.method_ok {
+                let method_len = window
+                    .iter()
+                    .take(MAX_METHOD + 1)
+                    .take_while(|b| b.is_ascii_uppercase())
+                    .count();
+                *examined += method_len + 1;
+                if method_len > MAX_METHOD {
+                    return Err(Stop::Bad(NOT_HTTP));
+                }
+                match window.get(method_len) {
+                    None => return Err(Stop::Short),
+                    Some(b' ') => self.method_ok = true,
+                    Some(_) => return Err(Stop::Bad(NOT_HTTP)),
+                }
+            }
 
+            if self.end.is_none() {
+                let from = self.end_from.min(window.len());
+                let found = find(window.get(from..).unwrap_or_default(), b"\r\n\r\n");
+                *examined += window.len() - from;
+                match found {
+                    Some(at) => self.end = Some(from + at),
+                    // The terminator may be split between reads: keep its first three bytes.
+                    None => self.end_from = window.len().saturating_sub(3),
+                }
+            }
+            // Bytes after the head are the body or the next request: not ours to judge.
+            let scope = match self.end {
+                Some(end) => window.get(..end.saturating_add(4)).unwrap_or(window),
+                None => window,
+            };
+            // A bare CR or LF is a line break to some parsers and not to others; letting one
+            // through could make us read a different Host than the server behind us does.
+            let (clean, checked) = bare_cr_or_lf_from(scope, self.checked);
+            *examined += checked.saturating_sub(self.checked) + 1;
+            self.checked = checked;
+            if !clean {
+                return Err(Stop::Bad("bare cr or lf in http head"));
+            }
+            // Judge the request line as soon as it is complete so non-HTTP clients that
+            // happen to start with capitals are turned away without waiting for `max` bytes.
+            let line_end = match self.line_end {
+                Some(line_end) => line_end,
+                None => {
+                    let from = self.line_from.min(scope.len());
+                    let found = find(scope.get(from..).unwrap_or_default(), b"\r\n");
+                    *examined += scope.len() - from;
+                    let Some(at) = found else {
+                        self.line_from = scope.len().saturating_sub(1);
+                        return Err(Stop::Short);
+                    };
+                    let line_end = from + at;
+                    *examined += line_end;
+                    request_line(scope.get(..line_end).unwrap_or_default())?;
+                    self.line_end = Some(line_end);
+                    line_end
+                }
+            };
+            let end = self.end.ok_or(Stop::Short)?;
+            *examined += end;
+            head_host(window, line_end, end)
+        }
+    }
+
+    /// Finds the Host in a complete head: `window[..end]`, whose request line (judged
+    /// sound already) ends at `line_end`.
+    fn head_host(window: &[u8], line_end: usize, end: usize) -> Result<String, Stop> {
+        let target_authority = request_line(window.get(..line_end).unwrap_or_default())?;
         let head = window.get(..end).unwrap_or_default();
         // No bare LF is left, so every '\n' ends a line and is preceded by '\r'.
         let mut lines = head
@@ -457,19 +629,24 @@ mod http {
         Ok(authority)
     }
 
-    fn has_bare_cr_or_lf(bytes: &[u8]) -> bool {
-        let mut prev = None;
-        let mut iter = bytes.iter().peekable();
-        while let Some(&b) = iter.next() {
+    /// Checks `bytes[from..]` for a bare CR or LF (`bytes[..from]` was checked before).
+    /// Returns whether none was found, and how far the check got: a CR at the very end may
+    /// still be followed by LF in the next read, so it is left for the next call.
+    fn bare_cr_or_lf_from(bytes: &[u8], from: usize) -> (bool, usize) {
+        let mut i = from;
+        while let Some(&b) = bytes.get(i) {
+            let prev = i.checked_sub(1).and_then(|p| bytes.get(p)).copied();
             let bare_lf = b == b'\n' && prev != Some(b'\r');
-            // A CR at the very end may still be followed by LF in the next read.
-            let bare_cr = b == b'\r' && iter.peek().is_some_and(|next| **next != b'\n');
+            let bare_cr = b == b'\r' && bytes.get(i + 1).is_some_and(|next| *next != b'\n');
             if bare_lf || bare_cr {
-                return true;
+                return (false, i);
             }
-            prev = Some(b);
+            if b == b'\r' && bytes.get(i + 1).is_none() {
+                return (true, i);
+            }
+            i += 1;
         }
-        false
+        (true, i)
     }
 
     /// RFC 9110 section 5.6.2 token characters.
@@ -835,6 +1012,115 @@ mod tests {
             Peeked::NotRecognised("peek limit reached before any byte")
         );
         assert_eq!(classify(b"", MAX), Peeked::NeedMore);
+    }
+
+    /// Feeds `input` to one peeker a byte at a time; returns the answer at the end and the
+    /// bytes it examined.
+    fn byte_at_a_time(input: &[u8], max: usize) -> (Peeked, usize) {
+        let mut peeker = Peeker::new(max);
+        let mut answer = Peeked::NeedMore;
+        for end in 0..=input.len() {
+            answer = peeker.classify(&input[..end]);
+            if answer != Peeked::NeedMore {
+                break;
+            }
+        }
+        (answer, peeker.examined())
+    }
+
+    /// An HTTP request head of exactly `len` bytes, its Host last.
+    fn long_request(len: usize) -> Vec<u8> {
+        let mut head = b"GET / HTTP/1.1\r\n".to_vec();
+        let tail = b"Host: orders.apps.internal\r\n\r\n";
+        while head.len() + tail.len() + 20 < len {
+            head.extend_from_slice(b"X-Pad: 0123456789\r\n");
+        }
+        let fill = len - head.len() - tail.len() - 5;
+        head.extend_from_slice(b"X: ");
+        head.extend(std::iter::repeat_n(b'a', fill));
+        head.extend_from_slice(b"\r\n");
+        head.extend_from_slice(tail);
+        assert_eq!(head.len(), len);
+        head
+    }
+
+    /// A ClientHello of about `len` bytes (a padding extension), in records of `record`
+    /// bytes of handshake payload each.
+    fn long_hello(len: usize, record: usize) -> Vec<u8> {
+        let one = handmade_hello(&[sni_ext(b"orders.apps.internal"), (21, vec![0; len - 80])]);
+        let payload = &one[5..];
+        let mut out = Vec::new();
+        for part in payload.chunks(record) {
+            out.extend_from_slice(&[0x16, 0x03, 0x01]);
+            out.extend_from_slice(&u16::try_from(part.len()).unwrap().to_be_bytes());
+            out.extend_from_slice(part);
+        }
+        out
+    }
+
+    #[test]
+    fn peeking_one_byte_at_a_time_costs_linear_work() {
+        const N: usize = 8 * 1024;
+        for (what, small, large) in [
+            ("http", long_request(N), long_request(2 * N)),
+            ("tls", long_hello(N, 16_000), long_hello(2 * N, 16_000)),
+            (
+                "tls in small records",
+                long_hello(N, 100),
+                long_hello(2 * N, 100),
+            ),
+        ] {
+            let (answer, cost) = byte_at_a_time(&small, MAX * 2);
+            assert_eq!(answer, host("orders.apps.internal"), "{what}");
+            let (answer, double_cost) = byte_at_a_time(&large, MAX * 2);
+            assert_eq!(answer, host("orders.apps.internal"), "{what}");
+            // A bounded number of looks per byte (a call re-reads at most a record header
+            // and a handshake header), and twice the bytes cost twice the work: a
+            // quadratic peek costs about four times as much, and ~n²/2 bytes in all.
+            assert!(
+                cost <= 16 * small.len(),
+                "{what}: {cost} bytes examined for {}",
+                small.len()
+            );
+            assert!(
+                double_cost * 10 <= cost * 23,
+                "{what}: {cost} for {} bytes but {double_cost} for {}",
+                small.len(),
+                large.len()
+            );
+        }
+    }
+
+    #[test]
+    fn a_peeker_answers_as_classify_does_for_every_prefix() {
+        let inputs = [
+            REQUEST.to_vec(),
+            rustls_client_hello("orders.apps.internal"),
+            split_records(&rustls_client_hello("a.b"), 40),
+            b"GET / HTTP/1.1\r\nX: 1\r\nHost: a.b\r\r\n\r\n".to_vec(),
+            b"GET / HTTP/1.1\r\nHost: a.b\r\nX: 1\n\r\n\r\n".to_vec(),
+            b"HELLO world\r\n".to_vec(),
+            long_hello(2000, 50),
+        ];
+        for input in &inputs {
+            for max in [input.len() / 2, input.len(), MAX] {
+                let mut peeker = Peeker::new(max);
+                let mut decided = None;
+                for end in 0..=input.len() {
+                    let answer = peeker.classify(&input[..end]);
+                    match &decided {
+                        // Once decided, the answer stays.
+                        Some(first) => assert_eq!(&answer, first),
+                        None => {
+                            assert_eq!(answer, classify(&input[..end], max), "prefix {end}");
+                            if answer != Peeked::NeedMore {
+                                decided = Some(answer);
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// xorshift64: a tiny deterministic generator, enough to shake out panics.

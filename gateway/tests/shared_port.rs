@@ -1,13 +1,18 @@
-//! One shared egress port carrying several routes: recognised by the HTTP Host header, the
-//! TLS SNI, or the VIP the connection arrived on; peeked bytes are replayed to the backend.
+//! Shared egress ports and VIPs: a connection reaches the route it named (by the VIP it
+//! arrived on, its HTTP Host header or its TLS SNI) and never another app's; peeked bytes
+//! are replayed to the backend; raw TCP on a shared address is refused; the own-cluster
+//! path reaches only exported routes. Every app answers with its own name, and the tests
+//! assert which one answered.
 
 mod common;
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use common::*;
 use isthmus_gateway::config::{EgressConfig, PeerConfig, Transport};
-use isthmus_route_sync::vip::{VipMap, VipRange};
+use isthmus_route_sync::{Route, RouteStore};
+use isthmus_runtime::config::HumanDuration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -26,7 +31,7 @@ fn client_hello(sni: &str) -> Vec<u8> {
     out
 }
 
-async fn exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> std::io::Result<Vec<u8>> {
+async fn exchange(addr: SocketAddr, bytes: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut s = TcpStream::connect(addr).await?;
     s.write_all(bytes).await?;
     s.shutdown().await?;
@@ -35,134 +40,463 @@ async fn exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> std::io::Result<V
     Ok(out)
 }
 
+/// Whether a call was refused: reset, or closed without a byte.
+async fn refused(addr: SocketAddr, bytes: &[u8]) -> bool {
+    match within(exchange(addr, bytes)).await {
+        Err(_) => true,
+        Ok(out) => out.is_empty(),
+    }
+}
+
+/// Routes parsed from YAML, each name given the VIP listed for it (route-sync assigns them
+/// in production; the file source never does).
+fn with_vips(yaml: &str, vips: &[(&str, &str)]) -> Vec<Route> {
+    let store = routes(yaml);
+    store
+        .snapshot()
+        .iter()
+        .map(|r| {
+            let mut r = (**r).clone();
+            r.vip = vips
+                .iter()
+                .find(|(name, _)| *name == r.key.name.as_str())
+                .map(|(_, ip)| ip.parse::<IpAddr>().unwrap());
+            r
+        })
+        .collect()
+}
+
+fn store_of(routes: Vec<Route>) -> RouteStore {
+    let store = RouteStore::new();
+    store.replace_all(routes);
+    store
+}
+
+fn egress_to(ingress: SocketAddr, transport: Transport) -> EgressConfig {
+    EgressConfig::with_peers(vec![PeerConfig {
+        cluster: "k8s".into(),
+        endpoints: vec![ingress],
+        transport,
+        fallback_to_tcp: false,
+    }])
+}
+
+async fn run_egress(ctx: isthmus_gateway::Context, cfg: EgressConfig) -> Running {
+    let egress = isthmus_gateway::egress::Egress::bind(ctx, cfg)
+        .await
+        .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let force = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(egress.run(shutdown.clone(), force.clone()));
+    Running {
+        shutdown,
+        force,
+        task,
+    }
+}
+
+fn at(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), port)
+}
+
+/// The point of the shared port: two HTTP routes on one port, one homed here (served by its
+/// local app), one homed in k8s. Each call reaches the app whose name it carried, never the
+/// port's other route, even though the port has exactly one remote route.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn host_sni_and_vip_routing_on_one_shared_port() {
+async fn two_http_routes_on_one_port_each_call_reaches_the_app_it_named() {
     for transport in [Transport::Tcp, Transport::Quic] {
-        let (web, _) = echo_backend("WEB:").await;
-        let (tls, _) = echo_backend("TLS:").await;
-        let (raw, _) = echo_backend("RAW:").await;
+        let (orders, _) = echo_backend("ORDERS:").await;
+        let (billing, _) = echo_backend("BILLING:").await;
         let port = free_port();
         let yaml = format!(
             r#"
 routes:
-  - {{name: web.apps.internal, port: {port}, protocol: http, home_cluster: k8s, exported: true,
-     allowed_peers: [cluster:diego], backends: ["{web}"]}}
-  - {{name: tlsapp.apps.internal, port: {port}, protocol: tls, home_cluster: k8s, exported: true,
-     allowed_peers: [cluster:diego], backends: ["{tls}"]}}
-  - {{name: raw.apps.internal, port: {port}, home_cluster: k8s, exported: true,
-     allowed_peers: [cluster:diego], backends: ["{raw}"]}}
+  - {{name: orders.apps.internal, port: {port}, protocol: http, home_cluster: k8s, exported: true,
+     allowed_peers: [cluster:diego], backends: ["{orders}"]}}
+  - {{name: billing.apps.internal, port: {port}, protocol: http, home_cluster: diego,
+     exported: true, backends: ["{billing}"]}}
 "#
         );
         let mesh = Mesh::new();
         let (ingress_addr, ingress) =
             start_ingress(mesh.context("k8s", &routes(&yaml)), ingress_cfg()).await;
-        let mut cfg = EgressConfig::with_peers(vec![PeerConfig {
-            cluster: "k8s".into(),
-            endpoints: vec![ingress_addr],
-            transport,
-            fallback_to_tcp: false,
-        }]);
-        cfg.listen_address = Some("0.0.0.0".parse().unwrap());
-        cfg.vip_range = Some("127.77.0.0/16".into());
+        let mut cfg = egress_to(ingress_addr, transport);
+        cfg.listen_address = Some("127.0.0.1".parse().unwrap());
         let ctx = mesh.context("diego", &routes(&yaml));
-        let egress = isthmus_gateway::egress::Egress::bind(ctx.clone(), cfg)
-            .await
-            .unwrap();
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let force = tokio_util::sync::CancellationToken::new();
-        let task = tokio::spawn(egress.run(shutdown.clone(), force.clone()));
-        let shared: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let running = run_egress(ctx.clone(), cfg).await;
+        let shared = at("127.0.0.1", port);
         eventually(|| std::net::TcpStream::connect(shared).is_ok()).await;
-        eventually(|| ctx.metrics.refused_total("no_route") == 1).await;
 
-        // HTTP/1.1 by Host header: the request arrives intact, Host and all.
-        let request = format!("GET / HTTP/1.1\r\nHost: Web.Apps.Internal:{port}\r\n\r\n");
-        let out = within(exchange(shared, request.as_bytes())).await.unwrap();
-        assert_eq!(out, [b"WEB:".as_slice(), request.as_bytes()].concat());
-
-        // TLS by SNI: the ClientHello arrives intact.
-        let hello = client_hello("tlsapp.apps.internal");
-        let out = within(exchange(shared, &hello)).await.unwrap();
-        assert_eq!(out, [b"TLS:".as_slice(), &hello].concat());
-
-        // Opaque TCP by VIP: the address the DNS shim hands out for the name.
-        let range = VipRange::parse("127.77.0.0/16").unwrap();
-        let map = VipMap::allocate(
-            &range,
-            [
-                "web.apps.internal",
-                "tlsapp.apps.internal",
-                "raw.apps.internal",
-            ],
-        )
-        .unwrap();
-        let vip = map.ip_of("raw.apps.internal").unwrap();
-        let out = within(exchange((vip, port).into(), b"\x00\x01binary"))
-            .await
-            .unwrap();
-        assert_eq!(out, b"RAW:\x00\x01binary");
-
-        // A Host that names no route, and a VIP that names none, are refused and counted.
-        let r = within(exchange(
-            shared,
-            format!("GET / HTTP/1.1\r\nHost: nope.apps.internal:{port}\r\n\r\n").as_bytes(),
-        ))
-        .await;
-        assert!(r.is_err() || r.unwrap().is_empty());
-        let unused = (1..=250u8)
-            .map(|i| std::net::IpAddr::from([127, 77, 200, i]))
-            .find(|ip| map.name_of(*ip).is_none())
-            .unwrap();
-        let r = within(exchange((unused, port).into(), b"x")).await;
-        assert!(r.is_err() || r.unwrap().is_empty());
-        // Neither HTTP nor TLS on a non-VIP address: nothing to route by.
-        let r = within(exchange(shared, b"\x00\x00\x00\x00\r\n\r\n")).await;
-        assert!(r.is_err() || r.unwrap().is_empty());
-        // Three, plus the readiness probe above, which connected and closed without a byte.
-        eventually(|| ctx.metrics.refused_total("no_route") == 4).await;
-
-        shutdown.cancel();
-        force.cancel();
-        within(task).await.unwrap();
+        for round in 0..3 {
+            for (host, app) in [
+                ("orders.apps.internal", "ORDERS:"),
+                ("Billing.Apps.Internal", "BILLING:"),
+            ] {
+                let request = format!("GET /{round} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n");
+                let out = within(exchange(shared, request.as_bytes())).await.unwrap();
+                assert_eq!(
+                    String::from_utf8_lossy(&out),
+                    format!("{app}{request}"),
+                    "{host} over {transport:?}"
+                );
+            }
+        }
+        running.stop().await;
         ingress.stop().await;
     }
+}
+
+/// Two routes on one port while one of them moves to k8s and back, under load: every reply
+/// comes from an app of the name the call carried, never from the port's other app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_never_reaches_the_other_app_of_its_port_while_a_route_moves() {
+    let (orders_k8s, _) = echo_backend("ORDERS-K8S:").await;
+    let (orders_diego, _) = echo_backend("ORDERS-DIEGO:").await;
+    let (billing, _) = echo_backend("BILLING:").await;
+    let port = free_port();
+    let billing_route = format!(
+        "  - {{name: billing.apps.internal, port: {port}, protocol: http, home_cluster: k8s, \
+         exported: true, allowed_peers: [cluster:diego], backends: [\"{billing}\"]}}\n"
+    );
+    let in_k8s = format!(
+        "routes:\n  - {{name: orders.apps.internal, port: {port}, protocol: http, \
+         home_cluster: k8s, exported: true, allowed_peers: [cluster:diego], \
+         backends: [\"{orders_k8s}\"]}}\n{billing_route}"
+    );
+    let in_diego = format!(
+        "routes:\n  - {{name: orders.apps.internal, port: {port}, protocol: http, \
+         home_cluster: diego, exported: true, backends: [\"{orders_diego}\"]}}\n{billing_route}"
+    );
+    let mesh = Mesh::new();
+    let (ingress_addr, ingress) =
+        start_ingress(mesh.context("k8s", &routes(&in_k8s)), ingress_cfg()).await;
+    let mut cfg = egress_to(ingress_addr, Transport::Tcp);
+    cfg.listen_address = Some("127.0.0.1".parse().unwrap());
+    let diego = routes(&in_diego);
+    let ctx = mesh.context("diego", &diego);
+    let running = run_egress(ctx.clone(), cfg).await;
+    let shared = at("127.0.0.1", port);
+    eventually(|| std::net::TcpStream::connect(shared).is_ok()).await;
+
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut callers = Vec::new();
+    for (host, apps) in [
+        (
+            "orders.apps.internal",
+            &["ORDERS-K8S:", "ORDERS-DIEGO:"][..],
+        ),
+        ("billing.apps.internal", &["BILLING:"][..]),
+    ] {
+        for _ in 0..2 {
+            let (done, stop) = (Arc::clone(&done), Arc::clone(&stop));
+            callers.push(tokio::spawn(async move {
+                let request = format!("GET / HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n");
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let out = within(exchange(shared, request.as_bytes())).await.unwrap();
+                    let out = String::from_utf8_lossy(&out).into_owned();
+                    assert!(
+                        apps.iter().any(|app| out == format!("{app}{request}")),
+                        "{host} answered by {out:?}"
+                    );
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }));
+        }
+    }
+    // Three moves each way, each after more calls have gone through.
+    let moved = routes(&in_k8s).snapshot();
+    let home = routes(&in_diego).snapshot();
+    for round in 1..=6 {
+        eventually(|| done.load(std::sync::atomic::Ordering::Relaxed) >= round * 20).await;
+        let table = if round % 2 == 1 { &moved } else { &home };
+        diego.replace_all(table.iter().map(|r| (**r).clone()));
+    }
+    eventually(|| done.load(std::sync::atomic::Ordering::Relaxed) >= 140).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for caller in callers {
+        within(caller).await.unwrap();
+    }
+    running.stop().await;
+    ingress.stop().await;
+}
+
+/// HTTP by Host and TLS by SNI on one shared port; the peeked bytes arrive intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_and_sni_routing_on_one_shared_port() {
+    let (web, _) = echo_backend("WEB:").await;
+    let (tls, _) = echo_backend("TLS:").await;
+    let port = free_port();
+    let yaml = format!(
+        r#"
+routes:
+  - {{name: web.apps.internal, port: {port}, protocol: http, home_cluster: k8s, exported: true,
+     allowed_peers: [cluster:diego], backends: ["{web}"]}}
+  - {{name: tlsapp.apps.internal, port: {port}, protocol: tls, home_cluster: k8s, exported: true,
+     allowed_peers: [cluster:diego], backends: ["{tls}"]}}
+"#
+    );
+    let mesh = Mesh::new();
+    let (ingress_addr, ingress) =
+        start_ingress(mesh.context("k8s", &routes(&yaml)), ingress_cfg()).await;
+    let mut cfg = egress_to(ingress_addr, Transport::Tcp);
+    cfg.listen_address = Some("127.0.0.1".parse().unwrap());
+    let ctx = mesh.context("diego", &routes(&yaml));
+    let running = run_egress(ctx.clone(), cfg).await;
+    let shared = at("127.0.0.1", port);
+    eventually(|| std::net::TcpStream::connect(shared).is_ok()).await;
+
+    let request = format!("GET / HTTP/1.1\r\nHost: Web.Apps.Internal:{port}\r\n\r\n");
+    let out = within(exchange(shared, request.as_bytes())).await.unwrap();
+    assert_eq!(out, [b"WEB:".as_slice(), request.as_bytes()].concat());
+    let hello = client_hello("tlsapp.apps.internal");
+    let out = within(exchange(shared, &hello)).await.unwrap();
+    assert_eq!(out, [b"TLS:".as_slice(), &hello].concat());
+    // A Host that names no route is refused after the wait for the table, and counted.
+    let before = ctx.metrics.refused_total("no_route");
+    let nope = format!("GET / HTTP/1.1\r\nHost: nope.apps.internal:{port}\r\n\r\n");
+    assert!(refused(shared, nope.as_bytes()).await);
+    eventually(|| ctx.metrics.refused_total("no_route") == before + 1).await;
+
+    running.stop().await;
+    ingress.stop().await;
+}
+
+/// Raw TCP on a shared address names nothing, even on a port that exactly one (remote)
+/// route uses: the DNS shim may already answer another name with this address. Refused
+/// with the reason, and the route's app never sees the bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_tcp_on_a_shared_address_without_a_vip_is_refused_with_the_reason() {
+    let (raw, _) = echo_backend("RAW:").await;
+    let port = free_port();
+    let yaml = format!(
+        r#"
+routes:
+  - {{name: raw.apps.internal, port: {port}, home_cluster: k8s, exported: true,
+     allowed_peers: [cluster:diego], backends: ["{raw}"]}}
+"#
+    );
+    let mesh = Mesh::new();
+    let (ingress_addr, ingress) =
+        start_ingress(mesh.context("k8s", &routes(&yaml)), ingress_cfg()).await;
+    let mut cfg = egress_to(ingress_addr, Transport::Tcp);
+    cfg.listen_address = Some("127.0.0.1".parse().unwrap());
+    let ctx = mesh.context("diego", &routes(&yaml));
+    let running = run_egress(ctx.clone(), cfg).await;
+    let shared = at("127.0.0.1", port);
+    // The probe connects and closes without a byte: refused as unidentified too.
+    eventually(|| std::net::TcpStream::connect(shared).is_ok()).await;
+    eventually(|| ctx.metrics.refused_total("unidentified") == 1).await;
+
+    assert!(refused(shared, b"\x00\x01binary").await);
+    eventually(|| ctx.metrics.refused_total("unidentified") == 2).await;
+    assert_eq!(ctx.metrics.refused_total("no_route"), 0);
+
+    running.stop().await;
+    ingress.stop().await;
+}
+
+/// VIPs on a wildcard listener (VIP traffic routed to the host, as in production): each VIP
+/// reaches its own route's app, two raw routes sharing a port included, a local exported one
+/// too; an address of the VIP range that no route carries is refused after `route_wait`,
+/// and one whose route arrives during the wait is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_tcp_via_a_vip_reaches_the_right_app() {
+    let (a, _) = echo_backend("A:").await;
+    let (b, _) = echo_backend("B:").await;
+    let (l, _) = echo_backend("LOCAL:").await;
+    let (late, _) = echo_backend("LATE:").await;
+    let port = free_port();
+    let yaml = format!(
+        r#"
+routes:
+  - {{name: a.apps.internal, port: {port}, home_cluster: k8s, exported: true,
+     allowed_peers: [cluster:diego], backends: ["{a}"]}}
+  - {{name: b.apps.internal, port: {port}, home_cluster: k8s, exported: true,
+     allowed_peers: [cluster:diego], backends: ["{b}"]}}
+  - {{name: l.apps.internal, port: {port}, home_cluster: diego, exported: true,
+     backends: ["{l}"]}}
+  - {{name: late.apps.internal, port: {port}, home_cluster: k8s, exported: true,
+     allowed_peers: [cluster:diego], backends: ["{late}"]}}
+"#
+    );
+    let vips = [
+        ("a.apps.internal", "127.77.0.1"),
+        ("b.apps.internal", "127.77.0.2"),
+        ("l.apps.internal", "127.77.0.3"),
+        ("late.apps.internal", "127.77.0.4"),
+    ];
+    let all = with_vips(&yaml, &vips);
+    let mesh = Mesh::new();
+    let (ingress_addr, ingress) =
+        start_ingress(mesh.context("k8s", &routes(&yaml)), ingress_cfg()).await;
+    let mut cfg = egress_to(ingress_addr, Transport::Tcp);
+    cfg.listen_address = Some("0.0.0.0".parse().unwrap());
+    cfg.vip_range = Some("127.77.0.0/16".into());
+    cfg.route_wait = HumanDuration::from_millis(300);
+    let diego = store_of(
+        all.iter()
+            .filter(|r| r.key.name.as_str() != "late.apps.internal")
+            .cloned()
+            .collect(),
+    );
+    let ctx = mesh.context("diego", &diego);
+    let running = run_egress(ctx.clone(), cfg).await;
+    eventually(|| std::net::TcpStream::connect(at("127.77.0.1", port)).is_ok()).await;
+
+    for (ip, app) in [
+        ("127.77.0.1", "A:"),
+        ("127.77.0.2", "B:"),
+        ("127.77.0.3", "LOCAL:"),
+    ] {
+        for _ in 0..2 {
+            let out = within(exchange(at(ip, port), b"\x00\x01binary"))
+                .await
+                .unwrap();
+            assert_eq!(out, [app.as_bytes(), b"\x00\x01binary"].concat(), "{ip}");
+        }
+    }
+    // A Host header does not override the VIP: the address names the route.
+    let request = format!("GET / HTTP/1.1\r\nHost: b.apps.internal:{port}\r\n\r\n");
+    let out = within(exchange(at("127.77.0.1", port), request.as_bytes()))
+        .await
+        .unwrap();
+    assert!(
+        out.starts_with(b"A:GET"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+
+    // In the VIP range, no route's VIP: waits, then refused; never peeked for a name.
+    assert!(refused(at("127.77.0.200", port), request.as_bytes()).await);
+    eventually(|| ctx.metrics.refused_total("unknown_vip") == 1).await;
+
+    // The VIP of a route the egress does not hold yet: the call waits for the table.
+    let before = diego.watchers();
+    let call = tokio::spawn(exchange(at("127.77.0.4", port), b"early"));
+    eventually(|| diego.watchers() > before).await;
+    diego.replace_all(all.clone());
+    let out = within(call).await.unwrap().unwrap();
+    assert_eq!(out, b"LATE:early");
+
+    running.stop().await;
+    ingress.stop().await;
+}
+
+/// `bind_vips`: one listener per route `vip:port`, local routes included, opened as routes
+/// arrive and closed when they leave; each reaches its own route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bind_vips_listens_on_each_route_vip_and_follows_the_table() {
+    let (a, _) = echo_backend("A:").await;
+    let (l, _) = echo_backend("LOCAL:").await;
+    let (c, _) = echo_backend("C:").await;
+    let port = free_port();
+    let yaml = format!(
+        r#"
+routes:
+  - {{name: a.apps.internal, port: {port}, home_cluster: k8s, exported: true,
+     allowed_peers: [cluster:diego], backends: ["{a}"]}}
+  - {{name: l.apps.internal, port: {port}, home_cluster: diego, exported: true,
+     backends: ["{l}"]}}
+  - {{name: c.apps.internal, port: {port}, home_cluster: k8s, exported: true,
+     allowed_peers: [cluster:diego], backends: ["{c}"]}}
+"#
+    );
+    let vips = [
+        ("a.apps.internal", "127.78.0.1"),
+        ("l.apps.internal", "127.78.0.2"),
+        ("c.apps.internal", "127.78.0.3"),
+    ];
+    let all = with_vips(&yaml, &vips);
+    let named = |names: &[&str]| -> Vec<Route> {
+        all.iter()
+            .filter(|r| names.contains(&r.key.name.as_str()))
+            .cloned()
+            .collect()
+    };
+    let mesh = Mesh::new();
+    let (ingress_addr, ingress) =
+        start_ingress(mesh.context("k8s", &routes(&yaml)), ingress_cfg()).await;
+    let mut cfg = egress_to(ingress_addr, Transport::Tcp);
+    cfg.bind_vips = true;
+    let diego = store_of(named(&["a.apps.internal", "l.apps.internal"]));
+    let ctx = mesh.context("diego", &diego);
+    let running = run_egress(ctx.clone(), cfg).await;
+    let open = |ip: &str| std::net::TcpStream::connect(at(ip, port)).is_ok();
+    eventually(|| open("127.78.0.1") && open("127.78.0.2")).await;
+    assert!(!open("127.78.0.3"), "no route has this VIP yet");
+
+    let out = within(exchange(at("127.78.0.1", port), b"x"))
+        .await
+        .unwrap();
+    assert_eq!(out, b"A:x");
+    let out = within(exchange(at("127.78.0.2", port), b"y"))
+        .await
+        .unwrap();
+    assert_eq!(out, b"LOCAL:y");
+
+    // a leaves, c arrives: a's listener closes, c's opens.
+    diego.replace_all(named(&["l.apps.internal", "c.apps.internal"]));
+    eventually(|| !open("127.78.0.1") && open("127.78.0.3")).await;
+    let out = within(exchange(at("127.78.0.3", port), b"z"))
+        .await
+        .unwrap();
+    assert_eq!(out, b"C:z");
+
+    running.stop().await;
+    ingress.stop().await;
+}
+
+/// The own-cluster path (a route homed here, reached through the egress while it comes
+/// home) serves exported routes from their local app and refuses unexported ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_own_cluster_path_reaches_only_exported_routes() {
+    let (open_app, _) = echo_backend("OPEN:").await;
+    let (hidden_app, _) = echo_backend("HIDDEN:").await;
+    let port = free_port();
+    let yaml = format!(
+        r#"
+routes:
+  - {{name: open.apps.internal, port: {port}, protocol: http, home_cluster: diego,
+     exported: true, backends: ["{open_app}"]}}
+  - {{name: hidden.apps.internal, port: {port}, protocol: http, home_cluster: diego,
+     backends: ["{hidden_app}"]}}
+"#
+    );
+    let mesh = Mesh::new();
+    let mut cfg = egress_to(dead_port().await, Transport::Tcp);
+    cfg.listen_address = Some("127.0.0.1".parse().unwrap());
+    cfg.route_wait = HumanDuration::from_millis(200);
+    let ctx = mesh.context("diego", &routes(&yaml));
+    let running = run_egress(ctx.clone(), cfg).await;
+    let shared = at("127.0.0.1", port);
+    eventually(|| std::net::TcpStream::connect(shared).is_ok()).await;
+
+    let request = format!("GET / HTTP/1.1\r\nHost: open.apps.internal:{port}\r\n\r\n");
+    let out = within(exchange(shared, request.as_bytes())).await.unwrap();
+    assert_eq!(out, [b"OPEN:".as_slice(), request.as_bytes()].concat());
+
+    let request = format!("GET / HTTP/1.1\r\nHost: hidden.apps.internal:{port}\r\n\r\n");
+    assert!(refused(shared, request.as_bytes()).await);
+    eventually(|| ctx.metrics.refused_total("not_exported") == 1).await;
+
+    running.stop().await;
 }
 
 #[tokio::test]
 async fn slow_clients_cannot_hold_a_shared_port_open() {
     let mesh = Mesh::new();
     let port = free_port();
-    // Two routes on the port, so the egress must peek to tell them apart.
     let yaml = format!(
         "routes:\n  - {{name: web.apps.internal, port: {port}, protocol: http, home_cluster: k8s}}\n  \
          - {{name: www.apps.internal, port: {port}, protocol: http, home_cluster: k8s}}\n"
     );
-    let mut cfg = EgressConfig::with_peers(vec![PeerConfig {
-        cluster: "k8s".into(),
-        endpoints: vec![dead_port().await],
-        transport: Transport::Tcp,
-        fallback_to_tcp: false,
-    }]);
+    let mut cfg = egress_to(dead_port().await, Transport::Tcp);
     cfg.listen_address = Some("127.0.0.1".parse().unwrap());
-    cfg.peek_timeout = isthmus_runtime::config::HumanDuration::from_millis(200);
+    cfg.peek_timeout = HumanDuration::from_millis(200);
     let ctx = mesh.context("diego", &routes(&yaml));
-    let (_, running) = {
-        let egress = isthmus_gateway::egress::Egress::bind(ctx.clone(), cfg)
-            .await
-            .unwrap();
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let force = tokio_util::sync::CancellationToken::new();
-        let task = tokio::spawn(egress.run(shutdown.clone(), force.clone()));
-        (
-            (),
-            Running {
-                shutdown,
-                force,
-                task,
-            },
-        )
-    };
-    let shared: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let running = run_egress(ctx.clone(), cfg).await;
+    let shared = at("127.0.0.1", port);
     eventually(|| std::net::TcpStream::connect(shared).is_ok()).await;
     // Half a request line, then silence: the egress gives up after the peek timeout.
     let mut s = TcpStream::connect(shared).await.unwrap();
@@ -170,69 +504,8 @@ async fn slow_clients_cannot_hold_a_shared_port_open() {
     let mut buf = Vec::new();
     let r = within(s.read_to_end(&mut buf)).await;
     assert!(r.is_err() || buf.is_empty());
-    eventually(|| ctx.metrics.refused_total("no_route") >= 1).await;
+    eventually(|| ctx.metrics.refused_total("peek_timeout") == 1).await;
     running.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_port_one_remote_route_uses_needs_no_host_or_sni() {
-    let (raw, _) = echo_backend("RAW:").await;
-    let (web, _) = echo_backend("WEB:").await;
-    let sole = free_port();
-    let busy = free_port();
-    let yaml = format!(
-        r#"
-routes:
-  - {{name: raw.apps.internal, port: {sole}, home_cluster: k8s, exported: true,
-     allowed_peers: [cluster:diego], backends: ["{raw}"]}}
-  - {{name: web.apps.internal, port: {busy}, protocol: http, home_cluster: k8s, exported: true,
-     allowed_peers: [cluster:diego], backends: ["{web}"]}}
-  - {{name: www.apps.internal, port: {busy}, protocol: http, home_cluster: k8s, exported: true,
-     allowed_peers: [cluster:diego], backends: ["{web}"]}}
-  - {{name: home.apps.internal, port: {busy}, home_cluster: diego}}
-"#
-    );
-    let mesh = Mesh::new();
-    let (ingress_addr, ingress) =
-        start_ingress(mesh.context("k8s", &routes(&yaml)), ingress_cfg()).await;
-    let mut cfg = EgressConfig::with_peers(vec![PeerConfig {
-        cluster: "k8s".into(),
-        endpoints: vec![ingress_addr],
-        transport: Transport::Tcp,
-        fallback_to_tcp: false,
-    }]);
-    cfg.listen_address = Some("127.0.0.1".parse().unwrap());
-    let ctx = mesh.context("diego", &routes(&yaml));
-    let egress = isthmus_gateway::egress::Egress::bind(ctx.clone(), cfg)
-        .await
-        .unwrap();
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let force = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(egress.run(shutdown.clone(), force.clone()));
-    let sole_addr: std::net::SocketAddr = format!("127.0.0.1:{sole}").parse().unwrap();
-    let busy_addr: std::net::SocketAddr = format!("127.0.0.1:{busy}").parse().unwrap();
-    eventually(|| std::net::TcpStream::connect(busy_addr).is_ok()).await;
-    eventually(|| std::net::TcpStream::connect(sole_addr).is_ok()).await;
-
-    // Opaque bytes on the port only raw.apps.internal uses: straight through.
-    let out = within(exchange(sole_addr, b"\x00\x01binary"))
-        .await
-        .unwrap();
-    assert_eq!(out, b"RAW:\x00\x01binary");
-    // Two remote routes share the other port (the local one does not count): opaque bytes
-    // name neither and are refused, a Host header still picks one.
-    let r = within(exchange(busy_addr, b"\x00\x00\x00\x00\r\n\r\n")).await;
-    assert!(r.is_err() || r.unwrap().is_empty());
-    let request = format!("GET / HTTP/1.1\r\nHost: www.apps.internal:{busy}\r\n\r\n");
-    let out = within(exchange(busy_addr, request.as_bytes()))
-        .await
-        .unwrap();
-    assert_eq!(out, [b"WEB:".as_slice(), request.as_bytes()].concat());
-
-    shutdown.cancel();
-    force.cancel();
-    within(task).await.unwrap();
-    ingress.stop().await;
 }
 
 /// A route moving away: its port is open while it is still local, and a connection that

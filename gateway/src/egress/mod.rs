@@ -1,34 +1,33 @@
 //! The egress role: carries local apps' connections to the route's home cluster.
 //!
-//! Three ways to know the route of an accepted connection:
-//! - a **dedicated** listener is bound to one route;
-//! - on a **shared** listener (one per port of any route homed elsewhere, bound on
-//!   `listen_address`), the local address the connection arrived on, when it lies in the VIP
-//!   range, names the route through the same deterministic [`VipMap`] the DNS shim uses;
-//! - a port that exactly one remote route uses names that route: raw TCP and
-//!   server-speaks-first protocols need no Host or SNI on the shared address;
-//! - otherwise the gateway peeks the HTTP/1.x `Host` header or the TLS SNI (bounded in time
-//!   and bytes) and replays the peeked bytes into the tunnel.
+//! Which route a connection is for is decided by [`identify()`], a pure function of what the
+//! connection showed (listener, local address, peeked Host or SNI) and the table: a
+//! **dedicated** listener names its route; a local address that is a route's **VIP** (the
+//! `vip` route-sync assigned, indexed by [`index`]) names that route; on a **shared**
+//! address the HTTP/1.x `Host` or TLS SNI does, peeked within a byte and time bound and
+//! replayed into the tunnel; anything else is refused. Never "the only route on this port".
 //!
-//! Shared listeners follow the route table: a port is open while any route uses it, local
-//! ones included, so a route that moves to another cluster finds its port already open; it
-//! closes when no route does; connections already accepted are not touched. A connection
-//! for a route the table does not know (yet) waits up to `route_wait` for the table to
-//! catch up before it is refused, and one for a route homed here (it just came back) is
-//! served from the route's local backends: the DNS shim and the egress follow route-sync
-//! separately, and either may see a move first.
+//! Listeners follow the route table: a shared listener (on `listen_address`) is open for
+//! every port any route uses, local ones included, so a route that moves to another cluster
+//! finds its port already open; with `bind_vips`, one listener per route `vip:port` as well.
+//! Each closes when no route needs it; connections already accepted are not touched. A
+//! connection for a route the table does not know (yet), or knows only as local, waits up to
+//! `route_wait` for the table to catch up before it is refused, and one for an exported
+//! route homed here (it just came back) is served from the route's local backends: the DNS
+//! shim and the egress follow route-sync separately, and either may see a move first.
 
+pub mod identify;
+pub mod index;
 pub mod pool;
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::{BufMut as _, Bytes, BytesMut};
-use isthmus_route_sync::vip::{VipMap, VipRange};
-use isthmus_route_sync::{RouteKey, RouteName};
+use isthmus_route_sync::vip::VipRange;
+use isthmus_route_sync::{Route, RouteKey};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::timeout;
@@ -37,16 +36,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::EgressConfig;
 use crate::metrics::{ConnLabels, Direction};
-use crate::peek::{self, Peeked};
+use crate::peek::{Peeked, Peeker};
 use crate::{Context, Refusal};
+use identify::{Facts, Identified, Listener, Peek, Unidentified, admit, identify};
+use index::Index;
 use pool::{OpenedStream, Pool};
-
-/// How a listener knows the route of its connections.
-#[derive(Clone, Debug)]
-enum Mode {
-    Dedicated(RouteKey),
-    Shared,
-}
 
 /// A bound egress, ready to [`run`](Egress::run).
 pub struct Egress {
@@ -59,17 +53,17 @@ struct Shared {
     cfg: EgressConfig,
     pool: Pool,
     limit: Arc<Semaphore>,
+    /// Addresses in this range are VIPs: never peeked, refused when no route carries them.
     vip_range: Option<VipRange>,
-    vips: ArcSwapOption<VipMap>,
-    /// Ports that exactly one remote route uses, and that route.
-    sole: ArcSwap<HashMap<u16, RouteKey>>,
+    /// The route table's VIPs and ports, kept in step with it.
+    index: Index,
     /// Round-robin start among a local route's backends.
     next_backend: std::sync::atomic::AtomicUsize,
 }
 
 impl Egress {
-    /// Binds the dedicated listeners and builds the pool. Shared listeners are bound by
-    /// [`run`](Egress::run) from the route table.
+    /// Binds the dedicated listeners and builds the pool. Shared and VIP listeners are bound
+    /// by [`run`](Egress::run) from the route table.
     ///
     /// # Errors
     /// When a dedicated listener cannot be bound, or the pool cannot be built.
@@ -91,6 +85,7 @@ impl Egress {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let pool = Pool::new(ctx.clone(), cfg.pool.clone(), &cfg.peers)?;
         let limit = Arc::new(Semaphore::new(cfg.max_connections));
+        let index = Index::new(cfg.bind_vips);
         Ok(Self {
             shared: Arc::new(Shared {
                 ctx,
@@ -98,8 +93,7 @@ impl Egress {
                 pool,
                 limit,
                 vip_range,
-                vips: ArcSwapOption::empty(),
-                sole: ArcSwap::default(),
+                index,
                 next_backend: std::sync::atomic::AtomicUsize::new(0),
             }),
             dedicated,
@@ -128,7 +122,7 @@ impl Egress {
             tracker.spawn(accept_loop(
                 Arc::clone(&shared),
                 listener,
-                Mode::Dedicated(key),
+                Listener::Dedicated(key),
                 shutdown.clone(),
                 force.clone(),
                 tracker.clone(),
@@ -139,8 +133,8 @@ impl Egress {
             let stop = force.clone();
             tokio::spawn(async move { shared.pool.reap_idle(stop).await })
         };
-        if let Some(address) = shared.cfg.listen_address {
-            follow_table(&shared, address, &shutdown, &force, &tracker).await;
+        if shared.cfg.listen_address.is_some() || shared.cfg.bind_vips {
+            follow_table(&shared, &shutdown, &force, &tracker).await;
         } else {
             shutdown.cancelled().await;
         }
@@ -154,90 +148,110 @@ impl Egress {
     }
 }
 
-/// Keeps one shared listener per port of any route, and the VIP map, in step with the
-/// route table until `shutdown`.
+/// Listeners that follow the table: one set, keyed by what each is bound for.
+struct Followers<K> {
+    open: HashMap<K, CancellationToken>,
+    /// The view generation they were last brought in step with; `None` forces a look (at
+    /// start, and after a bind failed, so that it is retried on the next change).
+    generation: Option<u64>,
+}
+
+impl<K: std::hash::Hash + Eq + Copy + std::fmt::Debug> Followers<K> {
+    fn new() -> Self {
+        Self {
+            open: HashMap::new(),
+            generation: None,
+        }
+    }
+
+    /// Closes the listeners no longer wanted and returns what needs one, unless
+    /// `generation` says the wanted set has not changed since the last look.
+    fn plan(&mut self, generation: u64, wanted: impl Iterator<Item = K>) -> Vec<K> {
+        if self.generation == Some(generation) {
+            return Vec::new();
+        }
+        self.generation = Some(generation);
+        let wanted: std::collections::HashSet<K> = wanted.collect();
+        self.open.retain(|k, stop| {
+            let keep = wanted.contains(k);
+            if !keep {
+                tracing::info!(listener = ?k, "no route needs this listener any more; closing it");
+                stop.cancel();
+            }
+            keep
+        });
+        wanted
+            .into_iter()
+            .filter(|k| !self.open.contains_key(k))
+            .collect()
+    }
+
+    /// Records the outcome of binding `k`.
+    fn bound(&mut self, k: K, stop: Option<CancellationToken>) {
+        match stop {
+            Some(stop) => {
+                self.open.insert(k, stop);
+            }
+            None => self.generation = None,
+        }
+    }
+}
+
+/// Keeps one shared listener per port of any route, and with `bind_vips` one per route
+/// `vip:port`, in step with the route table until `shutdown`.
 async fn follow_table(
     shared: &Arc<Shared>,
-    address: IpAddr,
     shutdown: &CancellationToken,
     force: &CancellationToken,
     tracker: &TaskTracker,
 ) {
     let mut watch = shared.ctx.routes.subscribe();
-    let mut listeners: HashMap<u16, CancellationToken> = HashMap::new();
-    let mut table = watch.current();
+    let mut ports = Followers::<u16>::new();
+    let mut vips = Followers::<SocketAddr>::new();
+    let open = async |addr: SocketAddr, kind: Listener| match TcpListener::bind(addr).await {
+        Ok(bound) => {
+            let stop = shutdown.child_token();
+            tracing::info!(%addr, ?kind, "egress listening");
+            tracker.spawn(accept_loop(
+                Arc::clone(shared),
+                bound,
+                kind,
+                stop.clone(),
+                force.clone(),
+                tracker.clone(),
+            ));
+            Some(stop)
+        }
+        Err(e) => {
+            tracing::error!(%addr, "cannot bind egress listener (retried on the next table change): {e}");
+            None
+        }
+    };
     loop {
-        let remote: Vec<_> = table
-            .iter()
-            .filter(|r| r.home_cluster != shared.ctx.cluster)
-            .collect();
-        if let Some(range) = &shared.vip_range {
-            match VipMap::allocate(range, remote.iter().map(|r| r.key.name.as_str())) {
-                Ok(map) => shared.vips.store(Some(Arc::new(map))),
-                Err(e) => tracing::error!("VIP allocation failed, keeping the previous map: {e}"),
+        let view = shared.index.view(&shared.ctx.routes);
+        if let Some(address) = shared.cfg.listen_address {
+            for port in ports.plan(view.ports_generation(), view.ports()) {
+                let stop = open(SocketAddr::new(address, port), Listener::Shared).await;
+                ports.bound(port, stop);
             }
         }
-        let wanted: std::collections::BTreeSet<u16> = table.iter().map(|r| r.key.port).collect();
-        shared.sole.store(Arc::new(sole_routes(&remote)));
-        listeners.retain(|port, stop| {
-            let keep = wanted.contains(port);
-            if !keep {
-                tracing::info!(
-                    port,
-                    "no remote route uses this port any more; closing its listener"
-                );
-                stop.cancel();
-            }
-            keep
-        });
-        for port in wanted {
-            if listeners.contains_key(&port) {
-                continue;
-            }
-            let addr = SocketAddr::new(address, port);
-            match TcpListener::bind(addr).await {
-                Ok(listener) => {
-                    let stop = shutdown.child_token();
-                    tracing::info!(%addr, "egress listening");
-                    tracker.spawn(accept_loop(
-                        Arc::clone(shared),
-                        listener,
-                        Mode::Shared,
-                        stop.clone(),
-                        force.clone(),
-                        tracker.clone(),
-                    ));
-                    listeners.insert(port, stop);
-                }
-                Err(e) => tracing::error!(%addr, "cannot bind egress listener: {e}"),
+        if shared.cfg.bind_vips {
+            for addr in vips.plan(view.vip_addrs_generation(), view.vip_addrs()) {
+                let stop = open(addr, Listener::Vip).await;
+                vips.bound(addr, stop);
             }
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
-            next = watch.changed() => table = next,
+            _ = watch.changed() => {}
         }
     }
-}
-
-/// The ports exactly one of `remote` uses, each with its route.
-fn sole_routes(remote: &[&Arc<isthmus_route_sync::Route>]) -> HashMap<u16, RouteKey> {
-    let mut by_port: HashMap<u16, Option<RouteKey>> = HashMap::new();
-    for r in remote {
-        by_port
-            .entry(r.key.port)
-            .and_modify(|only| *only = None)
-            .or_insert_with(|| Some(r.key.clone()));
-    }
-    by_port
-        .into_iter()
-        .filter_map(|(port, only)| Some((port, only?)))
-        .collect()
 }
 
 async fn accept_loop(
     shared: Arc<Shared>,
     listener: TcpListener,
-    mode: Mode,
+    kind: Listener,
     stop: CancellationToken,
     force: CancellationToken,
     tracker: TaskTracker,
@@ -254,10 +268,10 @@ async fn accept_loop(
                         continue;
                     };
                     let shared = Arc::clone(&shared);
-                    let mode = mode.clone();
+                    let kind = kind.clone();
                     let force = force.clone();
                     tracker.spawn(async move {
-                        handle(&shared, socket, peer, mode, force).await;
+                        handle(&shared, socket, peer, &kind, force).await;
                         drop(permit);
                     });
                 }
@@ -276,29 +290,64 @@ fn reset(socket: TcpStream) {
     drop(socket);
 }
 
+/// Why a connection gets no route.
+#[derive(Debug)]
+enum Refused {
+    /// Nothing it showed names a route.
+    Unidentified(Unidentified),
+    /// It names `key`, which the egress may not carry.
+    Route(RouteKey, Refusal),
+}
+
+impl Refused {
+    fn reason(&self) -> &'static str {
+        match self {
+            Refused::Unidentified(u) => u.reason(),
+            Refused::Route(_, r) => r.reason(),
+        }
+    }
+
+    /// Whether a newer table may decide otherwise.
+    fn may_change(&self) -> bool {
+        match self {
+            Refused::Unidentified(u) => u.may_change(),
+            // Every admission refusal may: the route may be arriving, or moving away.
+            Refused::Route(..) => true,
+        }
+    }
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::Unidentified(u) => u.fmt(f),
+            Refused::Route(_, r) => r.fmt(f),
+        }
+    }
+}
+
 async fn handle(
     shared: &Shared,
     mut socket: TcpStream,
     peer: SocketAddr,
-    mode: Mode,
+    listener: &Listener,
     force: CancellationToken,
 ) {
     let _ = socket.set_nodelay(true);
     let ctx = &shared.ctx;
-    let found = match identify(shared, &mut socket, &mode).await {
-        Ok((key, peeked)) => find_route(shared, &key).await.map(|route| (route, peeked)),
-        Err(refusal) => Err(refusal),
-    };
-    let (route, peeked) = match found {
+    let (route, peeked) = match resolve(shared, &mut socket, listener).await {
         Ok(found) => found,
-        Err(refusal) => {
-            let label = match &mode {
-                Mode::Dedicated(key) => key.to_string(),
-                Mode::Shared => "unknown".to_string(),
+        Err(refused) => {
+            let label = match (&refused, listener) {
+                (_, Listener::Dedicated(key)) => key.to_string(),
+                (Refused::Route(key, _), _) => {
+                    crate::known_route_label(&ctx.routes.snapshot(), &key.to_string())
+                }
+                (Refused::Unidentified(_), _) => "unknown".to_string(),
             };
             ctx.metrics
-                .refuse(&label, Direction::Egress, "unknown", refusal.reason());
-            tracing::warn!(%peer, reason = refusal.reason(), "egress refused: {refusal}");
+                .refuse(&label, Direction::Egress, "unknown", refused.reason());
+            tracing::warn!(%peer, reason = refused.reason(), "egress refused: {refused}");
             reset(socket);
             return;
         }
@@ -350,45 +399,81 @@ async fn handle(
     drop(opened);
 }
 
-/// The route `key` names: a remote one, or a local one with backends (served here without
-/// a tunnel). Anything else waits up to `route_wait` for the table to catch up.
-async fn find_route(
+/// Finds the route of a connection, and the bytes peeked to find it: gathers the facts
+/// [`identify()`] and [`admit`] decide on (peeking only when the decision needs a name), and
+/// while the refusal may change with the table, waits up to `route_wait` for it to.
+async fn resolve(
     shared: &Shared,
-    key: &RouteKey,
-) -> Result<Arc<isthmus_route_sync::Route>, Refusal> {
+    socket: &mut TcpStream,
+    listener: &Listener,
+) -> Result<(Arc<Route>, Bytes), Refused> {
     let ctx = &shared.ctx;
-    let check = |table: &isthmus_route_sync::RouteTable| match table.get(key) {
-        None => Err(Refusal::NoRoute(format!("{key} is not a known route"))),
-        Some(route) if route.home_cluster == ctx.cluster && route.backends.is_empty() => {
-            Err(Refusal::LocalRoute(key.to_string()))
+    let local = socket.local_addr().map_err(|e| {
+        Refused::Unidentified(Unidentified::NoName {
+            local: SocketAddr::from(([0, 0, 0, 0], 0)),
+            detail: format!("the connection has no local address: {e}"),
+        })
+    })?;
+    let mut peek = Peek::NotYet;
+    let mut peeked = Bytes::new();
+    let mut watch = None;
+    let mut deadline = None;
+    loop {
+        // A dedicated listener needs no index: its route is known before any byte.
+        let (identified, table) = match listener {
+            Listener::Dedicated(key) => (Ok(Identified::Route(key.clone())), ctx.routes.snapshot()),
+            Listener::Shared | Listener::Vip => {
+                let view = shared.index.view(&ctx.routes);
+                let facts = Facts {
+                    listener,
+                    local,
+                    peek: &peek,
+                };
+                let identified = identify(&facts, shared.vip_range.as_ref(), &view);
+                (identified, Arc::clone(&view.table))
+            }
+        };
+        let decided = match identified {
+            Ok(Identified::NeedsPeek) => {
+                (peek, peeked) = peek_name(shared, socket).await;
+                continue;
+            }
+            Ok(Identified::Route(key)) => match admit(&key, &table, &ctx.cluster) {
+                Ok(route) => return Ok((route, peeked)),
+                Err(refusal) => Refused::Route(key, refusal),
+            },
+            Err(unidentified) => Refused::Unidentified(unidentified),
+        };
+        if !decided.may_change() {
+            return Err(decided);
         }
-        Some(route) => Ok(Arc::clone(route)),
-    };
-    let mut watch = ctx.routes.subscribe();
-    let mut verdict = check(&watch.current());
-    if verdict.is_ok() {
-        return verdict;
-    }
-    let deadline = tokio::time::Instant::now() + shared.cfg.route_wait.get();
-    while verdict.is_err() {
-        match tokio::time::timeout_at(deadline, watch.changed()).await {
-            Ok(table) => verdict = check(&table),
-            Err(_) => break,
+        // Subscribe before deciding again, so a change between the two is not missed.
+        let Some(changes) = watch.as_mut() else {
+            watch = Some(ctx.routes.subscribe());
+            deadline = Some(tokio::time::Instant::now() + shared.cfg.route_wait.get());
+            continue;
+        };
+        let deadline = deadline.unwrap_or_else(tokio::time::Instant::now);
+        if tokio::time::timeout_at(deadline, changes.changed())
+            .await
+            .is_err()
+        {
+            return Err(decided);
         }
     }
-    verdict
 }
 
 /// Serves a connection for a route homed here from one of its backends, without a tunnel.
 ///
 /// Apps reach a local route through the egress only in the moment a route moves back here:
 /// the DNS shim answered with the egress just before the route came home. Serving it
-/// locally, rather than refusing, keeps that moment free of failures.
+/// locally, rather than refusing, keeps that moment free of failures. [`admit`] has checked
+/// that the route is exported: this path must not reach what the ingress would refuse.
 async fn hairpin(
     shared: &Shared,
     mut socket: TcpStream,
     peeked: Bytes,
-    route: &isthmus_route_sync::Route,
+    route: &Route,
     force: CancellationToken,
 ) {
     let ctx = &shared.ctx;
@@ -453,64 +538,33 @@ async fn hairpin(
     }
 }
 
-/// Finds the route key of a connection, and the bytes peeked to find it.
-async fn identify(
-    shared: &Shared,
-    socket: &mut TcpStream,
-    mode: &Mode,
-) -> Result<(RouteKey, Bytes), Refusal> {
-    let local = socket
-        .local_addr()
-        .map_err(|e| Refusal::NoRoute(format!("no local address: {e}")))?;
-    match mode {
-        Mode::Dedicated(key) => return Ok((key.clone(), Bytes::new())),
-        Mode::Shared => {}
-    }
-    if let Some(range) = &shared.vip_range
-        && range.contains(local.ip())
-    {
-        let vips = shared.vips.load();
-        let name = vips
-            .as_ref()
-            .and_then(|m| m.name_of(local.ip()))
-            .ok_or_else(|| Refusal::NoRoute(format!("VIP {} names no route", local.ip())))?;
-        let name = RouteName::parse(name).map_err(|e| Refusal::NoRoute(e.to_string()))?;
-        return Ok((RouteKey::new(name, local.port()), Bytes::new()));
-    }
-    if let Some(key) = shared.sole.load().get(&local.port()) {
-        return Ok((key.clone(), Bytes::new()));
-    }
+/// Reads the first bytes of a connection until they name a host or cannot, within
+/// `peek_max_bytes` and `peek_timeout`. Returns what was found and every byte read.
+async fn peek_name(shared: &Shared, socket: &mut TcpStream) -> (Peek, Bytes) {
     let max = shared.cfg.peek_max_bytes;
-    let peeked = timeout(shared.cfg.peek_timeout.get(), async {
-        let mut buf = BytesMut::with_capacity(1024);
+    let mut buf = BytesMut::with_capacity(1024.min(max));
+    let mut peeker = Peeker::new(max);
+    let found = timeout(shared.cfg.peek_timeout.get(), async {
         loop {
-            match peek::classify(&buf, max) {
-                Peeked::Host(host) => return Ok((host, buf.freeze())),
-                Peeked::NotRecognised(why) => return Err(Refusal::NoRoute(why.to_string())),
+            match peeker.classify(&buf) {
+                Peeked::Host(host) => return Peek::Host(host),
+                Peeked::NotRecognised(why) => return Peek::NoName(why.to_string()),
                 Peeked::NeedMore => {}
             }
             if buf.len() >= max {
-                return Err(Refusal::NoRoute(format!(
-                    "no Host or SNI in the first {max} bytes"
-                )));
+                return Peek::NoName(format!("no Host or SNI in the first {max} bytes"));
             }
             buf.reserve(1024.min(max - buf.len()));
             let room = max - buf.len();
             let mut limited = (&mut buf).limit(room);
             match tokio::io::AsyncReadExt::read_buf(socket, &mut limited).await {
-                Ok(0) => {
-                    return Err(Refusal::NoRoute(
-                        "connection closed before a Host or SNI".into(),
-                    ));
-                }
+                Ok(0) => return Peek::NoName("connection closed before a Host or SNI".into()),
                 Ok(_) => {}
-                Err(e) => return Err(Refusal::NoRoute(format!("read failed: {e}"))),
+                Err(e) => return Peek::NoName(format!("read failed: {e}")),
             }
         }
     })
     .await
-    .map_err(|_| Refusal::NoRoute("no Host or SNI before the peek timeout".into()))??;
-    let (host, bytes) = peeked;
-    let name = RouteName::parse(&host).map_err(|e| Refusal::NoRoute(e.to_string()))?;
-    Ok((RouteKey::new(name, local.port()), bytes))
+    .unwrap_or(Peek::TimedOut);
+    (found, buf.freeze())
 }
