@@ -74,6 +74,9 @@ fn start(
             .collect(),
         state_dir: state,
         handshake_timeout: Duration::from_secs(5),
+        vips: None,
+        limits: Default::default(),
+        keepalive: Default::default(),
     };
     let node = Node::with_listener(settings, listener);
     let running = Running {
