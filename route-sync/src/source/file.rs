@@ -10,7 +10,12 @@
 //!     allowed_peers: [cluster:diego, spiffe://mesh.local/cluster/diego/gateway]
 //!     backends: ["10.0.3.7:8080", "orders.default.svc:8080"]
 //!     weights: {k8s: 100}          # optional
+//!     vip: 100.64.0.7              # optional; see below
 //! ```
+//!
+//! `vip` is for consumers that read a route file themselves, without route-sync (a DNS shim
+//! and an egress given the same static file then answer and recognise the same address).
+//! route-sync ignores it: the VIPs it serves are its own allocation's.
 //!
 //! Each entry is checked on its own: a bad entry is rejected with its reason and the others
 //! apply, while the routes of the name it gives keep their last good version (an entry cut
@@ -78,6 +83,9 @@ struct RawRoute {
     /// Traffic share per cluster.
     #[serde(default)]
     weights: BTreeMap<String, u32>,
+    /// The route's VIP, for consumers reading the file without route-sync.
+    #[serde(default)]
+    vip: Option<String>,
 }
 
 impl RawRoute {
@@ -104,6 +112,17 @@ impl RawRoute {
                 route: key.to_string(),
             });
         }
+        let vip = match &self.vip {
+            Some(text) => {
+                Some(
+                    text.parse::<std::net::IpAddr>()
+                        .map_err(|_| InvalidRoute::Vip {
+                            value: text.clone(),
+                        })?,
+                )
+            }
+            None => None,
+        };
         Ok(Route {
             key,
             protocol,
@@ -112,7 +131,7 @@ impl RawRoute {
             allowed_peers,
             backends,
             weights,
-            vip: None,
+            vip,
             revision: 0,
         })
     }
