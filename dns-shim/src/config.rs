@@ -7,7 +7,7 @@
 //! ttl: 0                            # seconds, for answers pointing at the egress
 //! negative_ttl: 0                   # seconds, SOA minimum of negative answers
 //! answer:
-//!   vip_range: 100.64.0.0/16        # a per-route VIP, as the egress gateway computes it
+//!   vip: true                       # each name's VIP, as route-sync assigned it (route.vip)
 //!   # egress: [10.0.4.7, "fd00::7"] # ...or one shared egress address per family
 //! upstream:                         # where every other name in the domains goes
 //!   kind: dns                       # dns | sdc | bosh-dns-http
@@ -34,7 +34,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use isthmus_route_sync::vip::VipRange;
 use isthmus_route_sync::{ClusterName, RouteName};
 use isthmus_runtime::config::{FieldError, HumanDuration, TlsConfig, Validate};
 use serde::{Deserialize, Deserializer};
@@ -122,6 +121,9 @@ fn default_drain() -> HumanDuration {
 fn default_poll() -> HumanDuration {
     HumanDuration::from_millis(500)
 }
+fn default_vip() -> bool {
+    false
+}
 fn default_admin() -> SocketAddr {
     // 15020 is the gateway's; the shim often shares the egress VM with it.
     SocketAddr::from(([0, 0, 0, 0], 15021))
@@ -131,11 +133,12 @@ fn default_admin() -> SocketAddr {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AnswerConfig {
-    /// A CIDR (`100.64.0.0/16` or an IPv6 range): each remote route name gets its own VIP,
-    /// allocated exactly as the egress gateway allocates it, so both agree. An IPv4 range
-    /// answers A queries, an IPv6 range AAAA queries.
-    #[serde(default)]
-    pub vip_range: Option<String>,
+    /// True: each remote route name is answered with its own VIP, the `vip` its routes carry
+    /// (assigned by this cluster's route-sync, read by the egress from the same table; the
+    /// shim computes none). An IPv4 VIP answers A queries, an IPv6 one AAAA queries; a remote
+    /// name whose routes carry no VIP is answered SERVFAIL.
+    #[serde(default = "default_vip")]
+    pub vip: bool,
     /// One or more shared egress addresses: IPv4 ones answer A queries, IPv6 ones AAAA
     /// queries. The egress then tells routes apart by port, Host header or SNI.
     #[serde(default)]
@@ -400,11 +403,9 @@ impl Validate for DnsShimConfig {
 
 impl Validate for AnswerConfig {
     fn validate(&self) -> Result<(), FieldError> {
-        match (&self.vip_range, self.egress.is_empty()) {
-            (Some(range), true) => VipRange::parse(range)
-                .map(|_| ())
-                .map_err(|_| FieldError::new("vip_range", "a CIDR such as 100.64.0.0/16")),
-            (None, false) => {
+        match (self.vip, self.egress.is_empty()) {
+            (true, true) => Ok(()),
+            (false, false) => {
                 for (i, ip) in self.egress.iter().enumerate() {
                     if ip.is_unspecified() || ip.is_multicast() {
                         return Err(FieldError::new(
@@ -416,8 +417,8 @@ impl Validate for AnswerConfig {
                 Ok(())
             }
             _ => Err(FieldError::new(
-                "vip_range",
-                "exactly one of `vip_range` (per-route VIPs) or `egress` (shared addresses)",
+                "vip",
+                "exactly one of `vip: true` (each route's VIP) or `egress` (shared addresses)",
             )),
         }
     }

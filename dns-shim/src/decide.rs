@@ -6,7 +6,7 @@
 //! | class not IN/ANY, name outside the domains, AXFR/IXFR | REFUSED |
 //! | a route name homed elsewhere, A/AAAA/ANY with an address of that family | the egress address(es), TTL `ttl` |
 //! | the same name, any other type or a family without an address | NODATA: NOERROR, no answer, SOA in authority |
-//! | the same name in VIP mode when the range ran out | SERVFAIL |
+//! | the same name in VIP mode when its routes carry no VIP (route-sync's range ran out) | SERVFAIL |
 //! | SOA at a domain's apex | the shim's SOA |
 //! | anything else in the domains (local routes, unknown names, per-instance names such as `0.orders.apps.internal`) | forward to the platform resolver |
 
@@ -83,7 +83,7 @@ impl Policy {
             })
             .collect();
         let shared = match mode {
-            AnswerMode::Vip(_) => Vec::new(),
+            AnswerMode::Vip => Vec::new(),
             AnswerMode::Shared { v4, v6 } => v4
                 .iter()
                 .copied()
@@ -227,28 +227,28 @@ mod tests {
     use super::*;
     use hickory_proto::rr::DNSClass;
     use isthmus_route_sync::source::file::parse;
-    use isthmus_route_sync::vip::VipRange;
     use isthmus_route_sync::{ClusterName, RouteStore};
     use std::net::{Ipv4Addr, Ipv6Addr};
     use std::path::Path;
 
     const ROUTES: &str = "routes:
-  - {name: orders.apps.internal, port: 8080, home_cluster: k8s}
+  - {name: orders.apps.internal, port: 8080, home_cluster: k8s, vip: 100.64.105.32}
   - {name: billing.apps.internal, port: 8080, home_cluster: diego}
-  - {name: cart.other.internal, port: 8080, home_cluster: k8s}
+  - {name: cart.other.internal, port: 8080, home_cluster: k8s, vip: 100.64.0.8}
+  - {name: bare.apps.internal, port: 8080, home_cluster: k8s}
 ";
 
     fn setup(mode: AnswerMode) -> (Snapshot, Policy) {
         let store = RouteStore::new();
         store.replace_all(parse(ROUTES, Path::new("t.yaml")).unwrap().routes);
         let local = ClusterName::parse("diego").unwrap();
-        let snap = Snapshot::build(&store.snapshot(), &local, &mode, &Snapshot::empty()).snapshot;
+        let snap = Snapshot::build(&store.snapshot(), &local, &mode);
         let domains = [RouteName::parse("apps.internal").unwrap()];
         (snap, Policy::new(&domains, &mode, 0, 5))
     }
 
     fn vip_mode() -> AnswerMode {
-        AnswerMode::Vip(VipRange::parse("100.64.0.0/16").unwrap())
+        AnswerMode::Vip
     }
 
     fn shared_mode() -> AnswerMode {
@@ -281,11 +281,21 @@ mod tests {
         assert_eq!(a.answers.len(), 1);
         assert_eq!(a.answers[0].name.to_ascii(), "ORDERS.apps.Internal.");
         assert_eq!(a.answers[0].ttl, 0);
-        let vip = snap.vips().unwrap().ip_of("orders.apps.internal").unwrap();
+        // Exactly the VIP the route carries.
         assert_eq!(
             a.answers[0].data,
-            RData::A(A(vip.to_string().parse().unwrap()))
+            RData::A(A(Ipv4Addr::new(100, 64, 105, 32)))
         );
+    }
+
+    #[test]
+    fn a_remote_name_without_a_vip_is_servfail_not_a_guess() {
+        let (snap, policy) = setup(vip_mode());
+        for t in [RecordType::A, RecordType::AAAA, RecordType::ANY] {
+            let a = answer(decide(&q("bare.apps.internal.", t), &snap, &policy));
+            assert_eq!(a.rcode, ResponseCode::ServFail, "{t}");
+            assert!(a.answers.is_empty());
+        }
     }
 
     #[test]

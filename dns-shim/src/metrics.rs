@@ -91,8 +91,8 @@ pub struct Metrics {
     pub remote_names: Gauge,
     /// The route-table revision the answers are built from.
     pub table_revision: Gauge,
-    /// VIP allocations that failed (range exhausted); the previous map stays.
-    pub vip_allocation_failures: Counter,
+    /// Names homed elsewhere answered SERVFAIL because their routes carry no VIP.
+    pub remote_names_without_vip: Gauge,
     /// Open TCP client connections.
     pub tcp_connections: Gauge,
     /// TCP connections closed at once because `max_tcp_connections` were open.
@@ -112,7 +112,7 @@ impl Default for Metrics {
             upstream_failures: Family::default(),
             remote_names: Gauge::default(),
             table_revision: Gauge::default(),
-            vip_allocation_failures: Counter::default(),
+            remote_names_without_vip: Gauge::default(),
             tcp_connections: Gauge::default(),
             tcp_rejected: Counter::default(),
             reply_counters: (0..QTYPES.len() * RCODES.len() * 2 * 2)
@@ -162,9 +162,9 @@ impl Metrics {
             self.table_revision.clone(),
         );
         r.register(
-            "vip_allocation_failures",
-            "VIP allocations that failed (range exhausted); the previous map was kept",
-            self.vip_allocation_failures.clone(),
+            "remote_names_without_vip",
+            "Names homed elsewhere answered SERVFAIL because their routes carry no VIP",
+            self.remote_names_without_vip.clone(),
         );
         r.register(
             "tcp_connections",

@@ -3,15 +3,14 @@
 //! `bind` sets up every socket and the engine and computes the first snapshot from the route
 //! store, so a query answered right after `bind` returns already sees the routes. `run`
 //! serves until the shutdown token fires, keeping the snapshot in step with the route store
-//! on a task of its own: the table is re-read, the remote set and VIPs recomputed (on a
-//! blocking thread: 50,000 names take tens of milliseconds) and swapped in whole. Queries
-//! never wait for that.
+//! on a task of its own: the table is re-read and the remote set, with each name's VIP as
+//! its routes carry it, rebuilt (on a blocking thread: 50,000 names take tens of
+//! milliseconds) and swapped in whole. Queries never wait for that.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use isthmus_route_sync::vip::VipRange;
 use isthmus_route_sync::{ClusterName, RouteName, RouteStore};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Semaphore;
@@ -76,12 +75,9 @@ impl Settings {
             .iter()
             .map(|d| RouteName::parse(d).map_err(|_| invalid(d, "domains: not a domain")))
             .collect::<Result<Vec<_>, _>>()?;
-        let mode = match &cfg.answer.vip_range {
-            Some(range) => AnswerMode::Vip(
-                VipRange::parse(range)
-                    .map_err(|_| invalid(range, "answer.vip_range: not a CIDR"))?,
-            ),
-            None => AnswerMode::Shared {
+        let mode = match cfg.answer.vip {
+            true => AnswerMode::Vip,
+            false => AnswerMode::Shared {
                 v4: cfg
                     .answer
                     .egress
@@ -163,16 +159,8 @@ impl DnsShim {
             settings.ttl,
             settings.negative_ttl,
         );
-        let first = Snapshot::build(
-            &routes.snapshot(),
-            &settings.cluster,
-            &settings.mode,
-            &Snapshot::empty(),
-        );
-        if let Some(e) = &first.vip_error {
-            metrics.vip_allocation_failures.inc();
-            tracing::error!("VIP allocation failed: {e}; names homed elsewhere get SERVFAIL");
-        }
+        let first = Snapshot::build(&routes.snapshot(), &settings.cluster, &settings.mode);
+        note_without_vip(&metrics, 0, &first);
         let engine = Engine::new(
             EngineSettings {
                 policy,
@@ -184,7 +172,7 @@ impl DnsShim {
             upstream,
             metrics,
         );
-        engine.publish(first.snapshot);
+        engine.publish(first);
         Ok(Self {
             engine: Arc::new(engine),
             udp: udp.into_iter().map(Arc::new).collect(),
@@ -289,6 +277,23 @@ async fn bind_pair(
     Err(last.unwrap_or_else(|| bind_err("udp", listen, std::io::Error::other("no free port pair"))))
 }
 
+/// Keeps the count of remote names without a VIP in the metrics, and logs when some appear
+/// (once, until they are gone again) and when none is left.
+fn note_without_vip(metrics: &Metrics, before: usize, now: &Snapshot) {
+    let count = now.without_vip();
+    metrics
+        .remote_names_without_vip
+        .set(i64::try_from(count).unwrap_or(i64::MAX));
+    if before == 0 && count > 0 {
+        tracing::error!(
+            names = count,
+            "names homed elsewhere carry no VIP (route-sync's VIP range exhausted, or none configured there): they get SERVFAIL"
+        );
+    } else if before > 0 && count == 0 {
+        tracing::info!("every name homed elsewhere has a VIP again");
+    }
+}
+
 /// Rebuilds the snapshot whenever the route table changes, until `stop`.
 async fn follow_routes(
     engine: Arc<Engine>,
@@ -303,22 +308,17 @@ async fn follow_routes(
         let previous = engine.snapshot();
         if table.revision() != previous.revision() {
             let (cluster, mode) = (cluster.clone(), mode.clone());
-            let built = tokio::task::spawn_blocking(move || {
-                Snapshot::build(&table, &cluster, &mode, &previous)
-            })
-            .await;
+            let built =
+                tokio::task::spawn_blocking(move || Snapshot::build(&table, &cluster, &mode)).await;
             match built {
                 Ok(built) => {
-                    if let Some(e) = &built.vip_error {
-                        engine.metrics().vip_allocation_failures.inc();
-                        tracing::error!("VIP allocation failed, keeping the previous VIPs: {e}");
-                    }
+                    note_without_vip(engine.metrics(), previous.without_vip(), &built);
                     tracing::info!(
-                        revision = built.snapshot.revision(),
-                        remote_names = built.snapshot.len(),
+                        revision = built.revision(),
+                        remote_names = built.len(),
                         "DNS answers updated"
                     );
-                    engine.publish(built.snapshot);
+                    engine.publish(built);
                 }
                 Err(e) => tracing::error!(error = %e, "rebuilding the DNS answers failed"),
             }

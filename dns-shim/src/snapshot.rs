@@ -3,23 +3,21 @@
 //!
 //! A [`Snapshot`] is computed from a route table whenever the table changes, off the query
 //! path, and published whole (`ArcSwap`); a query looks a name up with one hash lookup and
-//! never waits for an update. In VIP mode the addresses come from
-//! [`VipMap::allocate`] over the names of the routes with `home_cluster != local` — exactly
-//! the set the egress gateway allocates over, so the VIP a client gets is the VIP the egress
-//! recognises. No sockets, no clock.
+//! never waits for an update. In VIP mode the address of a name is the `vip` its routes
+//! carry: the one VIP the cluster's route-sync assigned to the name, which the egress
+//! gateway reads from the same table. The shim never computes a VIP of its own, so the two
+//! cannot disagree about which route an address names. No sockets, no clock.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::sync::Arc;
 
-use isthmus_route_sync::vip::{VipError, VipMap, VipRange};
 use isthmus_route_sync::{ClusterName, RouteTable};
 
 /// How names homed elsewhere are answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AnswerMode {
-    /// One VIP per route name, from this range.
-    Vip(VipRange),
+    /// Each name's own VIP, as its routes carry it (assigned by route-sync).
+    Vip,
     /// The same shared egress addresses for every name.
     Shared {
         /// Answers to A queries.
@@ -36,8 +34,9 @@ pub enum Egress {
     Vip(IpAddr),
     /// The shared egress addresses.
     Shared,
-    /// It should have a VIP but the range ran out; it is answered SERVFAIL rather than
-    /// forwarded, since the platform's answer would bypass the tunnel.
+    /// VIP mode, but the route carries no VIP (route-sync's range is exhausted, or it has
+    /// none). Answered SERVFAIL: forwarding would let the platform's answer bypass the
+    /// tunnel, and any address the shim picked could name another route at the egress.
     Unallocated,
 }
 
@@ -46,17 +45,7 @@ pub enum Egress {
 pub struct Snapshot {
     revision: u64,
     remote: HashMap<Box<str>, Egress>,
-    vips: Option<Arc<VipMap>>,
-}
-
-/// The outcome of [`Snapshot::build`].
-#[derive(Debug)]
-pub struct Built {
-    /// The new snapshot.
-    pub snapshot: Snapshot,
-    /// Set when VIP allocation failed; the previous VIP map was kept, and names it does not
-    /// cover are [`Egress::Unallocated`].
-    pub vip_error: Option<VipError>,
+    without_vip: usize,
 }
 
 impl Snapshot {
@@ -65,55 +54,37 @@ impl Snapshot {
         Self::default()
     }
 
-    /// The snapshot of `table` for a shim in cluster `local`. `previous` supplies the VIP
-    /// map to keep when allocation fails (as the gateway keeps its own).
-    pub fn build(
-        table: &RouteTable,
-        local: &ClusterName,
-        mode: &AnswerMode,
-        previous: &Snapshot,
-    ) -> Built {
-        let mut names: Vec<&str> = table
-            .iter()
-            .filter(|r| &r.home_cluster != local)
-            .map(|r| r.key.name.as_str())
-            .collect();
-        names.sort_unstable();
-        names.dedup();
-        let mut remote = HashMap::with_capacity(names.len());
-        let mut vip_error = None;
-        let mut vips = None;
-        match mode {
-            AnswerMode::Shared { .. } => {
-                for name in names {
-                    remote.insert(Box::from(name), Egress::Shared);
-                }
+    /// The snapshot of `table` for a shim in cluster `local`: a name is remote when any of
+    /// its ports is homed elsewhere.
+    pub fn build(table: &RouteTable, local: &ClusterName, mode: &AnswerMode) -> Snapshot {
+        let mut remote: HashMap<Box<str>, Egress> = HashMap::new();
+        let mut without_vip = 0;
+        for route in table.iter().filter(|r| &r.home_cluster != local) {
+            let name = route.key.name.as_str();
+            if remote.contains_key(name) {
+                continue;
             }
-            AnswerMode::Vip(range) => {
-                let map = match VipMap::allocate(range, names.iter().copied()) {
-                    Ok(map) => Some(Arc::new(map)),
-                    Err(e) => {
-                        vip_error = Some(e);
-                        previous.vips.clone()
+            let egress = match mode {
+                AnswerMode::Shared { .. } => Egress::Shared,
+                // Every port of a name carries the name's one VIP: any of them answers.
+                AnswerMode::Vip => match table
+                    .by_route_name(&route.key.name)
+                    .iter()
+                    .find_map(|r| r.vip)
+                {
+                    Some(ip) => Egress::Vip(ip),
+                    None => {
+                        without_vip += 1;
+                        Egress::Unallocated
                     }
-                };
-                for name in names {
-                    let egress = map
-                        .as_ref()
-                        .and_then(|m| m.ip_of(name))
-                        .map_or(Egress::Unallocated, Egress::Vip);
-                    remote.insert(Box::from(name), egress);
-                }
-                vips = map;
-            }
+                },
+            };
+            remote.insert(Box::from(name), egress);
         }
-        Built {
-            snapshot: Snapshot {
-                revision: table.revision(),
-                remote,
-                vips,
-            },
-            vip_error,
+        Snapshot {
+            revision: table.revision(),
+            remote,
+            without_vip,
         }
     }
 
@@ -137,9 +108,9 @@ impl Snapshot {
         self.remote.is_empty()
     }
 
-    /// The VIP map in force, in VIP mode.
-    pub fn vips(&self) -> Option<&VipMap> {
-        self.vips.as_deref()
+    /// How many remote names are answered SERVFAIL for want of a VIP, in VIP mode.
+    pub fn without_vip(&self) -> usize {
+        self.without_vip
     }
 }
 
@@ -149,6 +120,7 @@ mod tests {
     use isthmus_route_sync::RouteStore;
     use isthmus_route_sync::source::file::parse;
     use std::path::Path;
+    use std::sync::Arc;
 
     fn table(yaml: &str) -> Arc<RouteTable> {
         let store = RouteStore::new();
@@ -157,54 +129,31 @@ mod tests {
     }
 
     const ROUTES: &str = "routes:
-  - {name: orders.apps.internal, port: 8080, home_cluster: k8s}
-  - {name: orders.apps.internal, port: 9090, home_cluster: k8s}
-  - {name: mixed.apps.internal, port: 8080, home_cluster: diego}
-  - {name: mixed.apps.internal, port: 9000, home_cluster: k8s}
-  - {name: billing.apps.internal, port: 8080, home_cluster: diego}
+  - {name: orders.apps.internal, port: 8080, home_cluster: k8s, vip: 100.64.0.7}
+  - {name: orders.apps.internal, port: 9090, home_cluster: k8s, vip: 100.64.0.7}
+  - {name: mixed.apps.internal, port: 8080, home_cluster: diego, vip: 100.64.0.9}
+  - {name: mixed.apps.internal, port: 9000, home_cluster: k8s, vip: 100.64.0.9}
+  - {name: billing.apps.internal, port: 8080, home_cluster: diego, vip: 100.64.0.3}
+  - {name: bare.apps.internal, port: 8080, home_cluster: k8s}
 ";
 
     #[test]
-    fn remote_names_get_the_gateways_vips() {
+    fn remote_names_get_exactly_the_vip_their_routes_carry() {
         let t = table(ROUTES);
         let local = ClusterName::parse("diego").unwrap();
-        let range = VipRange::parse("100.64.0.0/16").unwrap();
-        let built = Snapshot::build(&t, &local, &AnswerMode::Vip(range), &Snapshot::empty());
-        assert!(built.vip_error.is_none());
-        let s = built.snapshot;
-        assert_eq!(s.len(), 2);
+        let s = Snapshot::build(&t, &local, &AnswerMode::Vip);
+        assert_eq!(s.len(), 3);
         assert_eq!(s.revision(), t.revision());
-        // The gateway's allocation over the same set (any port homed elsewhere).
-        let gw = VipMap::allocate(&range, ["orders.apps.internal", "mixed.apps.internal"]).unwrap();
-        for name in ["orders.apps.internal", "mixed.apps.internal"] {
-            assert_eq!(s.egress(name), gw.ip_of(name).map(Egress::Vip));
+        for (name, vip) in [
+            ("orders.apps.internal", "100.64.0.7"),
+            ("mixed.apps.internal", "100.64.0.9"),
+        ] {
+            assert_eq!(s.egress(name), Some(Egress::Vip(vip.parse().unwrap())));
         }
-        assert_eq!(s.egress("billing.apps.internal"), None);
-    }
-
-    #[test]
-    fn exhausted_range_keeps_the_previous_map() {
-        let local = ClusterName::parse("diego").unwrap();
-        let range = VipRange::parse("10.0.0.0/30").unwrap();
-        let mode = AnswerMode::Vip(range);
-        let one = table("routes:\n  - {name: a.apps.internal, port: 80, home_cluster: k8s}\n");
-        let first = Snapshot::build(&one, &local, &mode, &Snapshot::empty()).snapshot;
-        let a = first.egress("a.apps.internal");
-        assert!(matches!(a, Some(Egress::Vip(_))));
-        let three = table(
-            "routes:
-  - {name: a.apps.internal, port: 80, home_cluster: k8s}
-  - {name: b.apps.internal, port: 80, home_cluster: k8s}
-  - {name: c.apps.internal, port: 80, home_cluster: k8s}
-",
-        );
-        let built = Snapshot::build(&three, &local, &mode, &first);
-        assert!(matches!(built.vip_error, Some(VipError::Exhausted { .. })));
-        assert_eq!(built.snapshot.egress("a.apps.internal"), a);
-        assert_eq!(
-            built.snapshot.egress("b.apps.internal"),
-            Some(Egress::Unallocated)
-        );
+        assert_eq!(s.egress("billing.apps.internal"), None, "local: forwarded");
+        // No VIP on the route: refused, never guessed.
+        assert_eq!(s.egress("bare.apps.internal"), Some(Egress::Unallocated));
+        assert_eq!(s.without_vip(), 1);
     }
 
     #[test]
@@ -215,9 +164,10 @@ mod tests {
             v4: vec![Ipv4Addr::new(10, 0, 4, 7)],
             v6: vec![],
         };
-        let s = Snapshot::build(&t, &local, &mode, &Snapshot::empty()).snapshot;
+        let s = Snapshot::build(&t, &local, &mode);
         assert_eq!(s.egress("billing.apps.internal"), Some(Egress::Shared));
         assert_eq!(s.egress("mixed.apps.internal"), Some(Egress::Shared));
         assert_eq!(s.egress("orders.apps.internal"), None);
+        assert_eq!(s.without_vip(), 0);
     }
 }

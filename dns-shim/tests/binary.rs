@@ -7,7 +7,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_isthmus-dns-shim");
 const GOOD: &str = r#"
 cluster: diego
 listen: "127.0.0.1:0"
-answer: {vip_range: 100.64.0.0/16}
+answer: {vip: true}
 upstream: {kind: dns, servers: ["169.254.0.2", "10.0.8.6:5353"]}
 routes: {file: routes.yaml}
 "#;
@@ -57,16 +57,15 @@ fn invalid_files_exit_64_naming_the_field() {
             "ttls",
         ),
         (
-            GOOD.replace("vip_range: 100.64.0.0/16", "vip_range: 100.64.1.0/16"),
-            "answer.vip_range",
+            // The shim computes no VIPs any more: a range is an unknown field.
+            GOOD.replace("vip: true", "vip_range: 100.64.0.0/16"),
+            "vip_range",
         ),
         (
-            GOOD.replace(
-                "{vip_range: 100.64.0.0/16}",
-                "{vip_range: 100.64.0.0/16, egress: [10.0.0.1]}",
-            ),
-            "answer.vip_range",
+            GOOD.replace("{vip: true}", "{vip: true, egress: [10.0.0.1]}"),
+            "answer.vip",
         ),
+        (GOOD.replace("{vip: true}", "{vip: false}"), "answer.vip"),
         (GOOD.replace("kind: dns,", "kind: dnz,"), "upstream"),
         (
             GOOD.replace("\"169.254.0.2\", ", "\"nameserver\", "),

@@ -8,13 +8,13 @@ use common::*;
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{RData, RecordType};
 use isthmus_dns_shim::config::AnswerConfig;
-use isthmus_route_sync::vip::{VipMap, VipRange};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// As route-sync serves them: each route with its name's VIP.
 const ROUTES: &str = "routes:
-  - {name: orders.apps.internal, port: 8080, home_cluster: k8s}
-  - {name: orders.apps.internal, port: 9090, home_cluster: k8s}
-  - {name: payments.apps.internal, port: 9090, home_cluster: k8s}
+  - {name: orders.apps.internal, port: 8080, home_cluster: k8s, vip: 100.64.105.32}
+  - {name: orders.apps.internal, port: 9090, home_cluster: k8s, vip: 100.64.105.32}
+  - {name: payments.apps.internal, port: 9090, home_cluster: k8s, vip: 100.64.220.120}
   - {name: billing.apps.internal, port: 8080, home_cluster: diego}
 ";
 
@@ -39,14 +39,16 @@ async fn world(answer: AnswerConfig) -> World {
     }
 }
 
-/// The VIP the egress gateway gives `name`: the same allocation over the same set.
-fn gateway_vip(range: &str, name: &str) -> String {
-    let map = VipMap::allocate(
-        &VipRange::parse(range).unwrap(),
-        ["orders.apps.internal", "payments.apps.internal"],
-    )
-    .unwrap();
-    map.ip_of(name).unwrap().to_string()
+/// The VIP `name`'s routes carry in [`ROUTES`] (or its IPv6 variant): what the egress reads
+/// from the same table, so exactly what the shim must answer.
+fn route_vip(v6: bool, name: &str) -> String {
+    match (v6, name) {
+        (false, "orders.apps.internal") => "100.64.105.32",
+        (false, "payments.apps.internal") => "100.64.220.120",
+        (true, "orders.apps.internal") => "fd00:64::7",
+        _ => panic!("no VIP for {name}"),
+    }
+    .to_string()
 }
 
 fn assert_answer(m: &Message, want: &[String], qname: &str) {
@@ -68,7 +70,7 @@ fn assert_answer(m: &Message, want: &[String], qname: &str) {
 async fn vip_mode_answers_remote_names_over_udp_and_tcp() {
     let w = world(vips()).await;
     let qname = "OrDeRs.Apps.INTERNAL.";
-    let vip = gateway_vip("100.64.0.0/16", "orders.apps.internal");
+    let vip = route_vip(false, "orders.apps.internal");
     let q = query(qname, RecordType::A, None);
     assert_answer(
         &udp(w.shim.dns, &q).await,
@@ -80,7 +82,7 @@ async fn vip_mode_answers_remote_names_over_udp_and_tcp() {
         std::slice::from_ref(&vip),
         qname,
     );
-    let other = gateway_vip("100.64.0.0/16", "payments.apps.internal");
+    let other = route_vip(false, "payments.apps.internal");
     let m = udp(
         w.shim.dns,
         &query("payments.apps.internal.", RecordType::A, None),
@@ -99,12 +101,14 @@ async fn vip_mode_answers_remote_names_over_udp_and_tcp() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vip_mode_with_an_ipv6_range_answers_aaaa() {
-    let w = world(AnswerConfig {
-        vip_range: Some("fd00:64::/112".into()),
-        egress: Vec::new(),
+    let w = world(vips()).await;
+    write_routes(&w.routes, &ROUTES.replace("100.64.105.32", "fd00:64::7"));
+    let v6 = w.shim.metrics.clone();
+    eventually(Duration::from_secs(2), "the v6 table in force", || {
+        v6.table_revision.get() >= 2
     })
     .await;
-    let vip = gateway_vip("fd00:64::/112", "orders.apps.internal");
+    let vip = route_vip(true, "orders.apps.internal");
     let m = udp(
         w.shim.dns,
         &query("orders.apps.internal.", RecordType::AAAA, None),
@@ -201,7 +205,7 @@ async fn refused_outside_the_domains_and_soa_at_the_apex() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_update_flips_the_answer_within_a_second() {
     let w = world(vips()).await;
-    let vip = gateway_vip("100.64.0.0/16", "orders.apps.internal");
+    let vip = route_vip(false, "orders.apps.internal");
     let q = query("orders.apps.internal.", RecordType::A, None);
     let ask = || udp(w.shim.dns, &q);
     assert_eq!(addrs(&ask().await), vec![vip.clone()]);

@@ -10,7 +10,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpStream, UdpSocket};
 
 const ROUTES: &str = "routes:
-  - {name: orders.apps.internal, port: 8080, home_cluster: k8s}
+  - {name: orders.apps.internal, port: 8080, home_cluster: k8s, vip: 100.64.105.32}
 ";
 
 fn header(id: u16, flags: u16, counts: [u16; 4]) -> Vec<u8> {

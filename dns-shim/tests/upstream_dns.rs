@@ -11,7 +11,7 @@ use hickory_proto::rr::RecordType;
 use isthmus_runtime::config::HumanDuration;
 
 const ROUTES: &str = "routes:
-  - {name: orders.apps.internal, port: 8080, home_cluster: k8s}
+  - {name: orders.apps.internal, port: 8080, home_cluster: k8s, vip: 100.64.105.32}
   - {name: billing.apps.internal, port: 8080, home_cluster: diego}
 ";
 

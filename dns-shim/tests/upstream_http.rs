@@ -12,7 +12,7 @@ use hickory_proto::rr::RecordType;
 use isthmus_dns_shim::config::UpstreamConfig;
 
 const ROUTES: &str = "routes:
-  - {name: orders.apps.internal, port: 8080, home_cluster: k8s}
+  - {name: orders.apps.internal, port: 8080, home_cluster: k8s, vip: 100.64.105.32}
 ";
 
 const SDC_NAME: &str = "service-discovery-controller.service.cf.internal";

@@ -189,6 +189,9 @@ async fn node_process(args: &[String]) {
         }],
         state_dir,
         handshake_timeout: Duration::from_secs(5),
+        vips: None,
+        limits: Default::default(),
+        keepalive: Default::default(),
     };
     let node = Node::with_listener(settings, listener);
     node.handle().local_loaded();

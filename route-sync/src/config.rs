@@ -10,6 +10,12 @@
 //! peers:
 //!   - {cluster: diego, endpoints: ["10.0.16.5:15010", "10.0.16.6:15010"]}
 //! state_dir: /var/lib/isthmus/route-sync   # last known good
+//! vips: {range: 100.64.0.0/16, hold: 1h}   # optional: per-route VIPs, assigned here
+//! limits:                                  # what a peer may send (defaults shown)
+//!   max_batch_chunks: 256
+//!   max_batch_routes: 1000000
+//!   max_routes_per_peer: 500000
+//! keepalive: {interval: 10s, timeout: 5s}  # HTTP/2 PINGs to every caller of the server
 //! ```
 
 use std::net::SocketAddr;
@@ -19,6 +25,7 @@ use isthmus_runtime::config::{FieldError, HumanDuration, TlsConfig, Validate};
 use serde::Deserialize;
 
 use crate::model::ClusterName;
+use crate::vip::VipRange;
 
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
@@ -44,6 +51,101 @@ pub struct RouteSyncConfig {
     /// Directory for last-known-good state; none keeps nothing across restarts.
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
+    /// Per-route VIPs assigned by this node and carried with every route it serves to local
+    /// consumers. None (the default): routes carry no VIP.
+    #[serde(default)]
+    pub vips: Option<VipConfig>,
+    /// Bounds on what a peer may send.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// HTTP/2 keepalive of the gRPC server, so callers that vanished free their streams.
+    #[serde(default)]
+    pub keepalive: KeepaliveConfig,
+}
+
+/// The VIP allocation (see [`crate::vip::VipAllocator`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VipConfig {
+    /// The CIDR VIPs are drawn from, e.g. `100.64.0.0/16` (IPv4: A answers; IPv6: AAAA).
+    pub range: String,
+    /// How long a VIP stays reserved for a name that left, so that the name gets it back if
+    /// it returns in time (clients may cache a VIP long past its TTL).
+    #[serde(default = "default_vip_hold")]
+    pub hold: HumanDuration,
+}
+
+fn default_vip_hold() -> HumanDuration {
+    HumanDuration::from_secs(3600)
+}
+
+/// Bounds on what one peer may send; beyond them the update is refused with a reason (in
+/// logs, metrics and status) and the last good imports are kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Chunks a chunked snapshot or delta (`more`) may have before its final one; a longer
+    /// chain ends the stream.
+    #[serde(default = "default_max_batch_chunks")]
+    pub max_batch_chunks: usize,
+    /// Routes and removals a chunked snapshot or delta may carry before its final chunk; a
+    /// longer one ends the stream.
+    #[serde(default = "default_max_batch_routes")]
+    pub max_batch_routes: usize,
+    /// Routes imported from one peer; an update that would go beyond is refused.
+    #[serde(default = "default_max_routes_per_peer")]
+    pub max_routes_per_peer: usize,
+}
+
+fn default_max_batch_chunks() -> usize {
+    crate::node::PeerLimits::default().max_batch_chunks
+}
+
+fn default_max_batch_routes() -> usize {
+    crate::node::PeerLimits::default().max_batch_routes
+}
+
+fn default_max_routes_per_peer() -> usize {
+    crate::node::PeerLimits::default().max_routes_per_peer
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_chunks: default_max_batch_chunks(),
+            max_batch_routes: default_max_batch_routes(),
+            max_routes_per_peer: default_max_routes_per_peer(),
+        }
+    }
+}
+
+/// HTTP/2 keepalive of the gRPC server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeepaliveConfig {
+    /// A PING is sent to a caller after this long without hearing from it.
+    #[serde(default = "default_keepalive_interval")]
+    pub interval: HumanDuration,
+    /// A caller that does not answer a PING within this is dropped, with its streams.
+    #[serde(default = "default_keepalive_timeout")]
+    pub timeout: HumanDuration,
+}
+
+fn default_keepalive_interval() -> HumanDuration {
+    HumanDuration::from_secs(10)
+}
+
+fn default_keepalive_timeout() -> HumanDuration {
+    HumanDuration::from_secs(5)
+}
+
+impl Default for KeepaliveConfig {
+    fn default() -> Self {
+        Self {
+            interval: default_keepalive_interval(),
+            timeout: default_keepalive_timeout(),
+        }
+    }
 }
 
 fn default_listen() -> SocketAddr {
@@ -128,6 +230,40 @@ impl Validate for RouteSyncConfig {
                     format!("peers[{i}].cluster"),
                     "each peer listed once",
                 ));
+            }
+        }
+        if let Some(vips) = &self.vips {
+            let range = VipRange::parse(&vips.range).map_err(|_| {
+                FieldError::new(
+                    "vips.range",
+                    "a network in CIDR notation with its host bits clear, e.g. 100.64.0.0/16",
+                )
+            })?;
+            if range.capacity() == 0 {
+                return Err(FieldError::new(
+                    "vips.range",
+                    "a range with at least one usable address (/31 or shorter for IPv4)",
+                ));
+            }
+        }
+        for (field, value) in [
+            ("limits.max_batch_chunks", self.limits.max_batch_chunks),
+            ("limits.max_batch_routes", self.limits.max_batch_routes),
+            (
+                "limits.max_routes_per_peer",
+                self.limits.max_routes_per_peer,
+            ),
+        ] {
+            if value == 0 {
+                return Err(FieldError::new(field, "a number above 0"));
+            }
+        }
+        for (field, value) in [
+            ("keepalive.interval", self.keepalive.interval),
+            ("keepalive.timeout", self.keepalive.timeout),
+        ] {
+            if value.get().is_zero() {
+                return Err(FieldError::new(field, "a duration above 0, e.g. 10s"));
             }
         }
         Ok(())

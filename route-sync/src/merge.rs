@@ -328,6 +328,25 @@ impl Merger {
             .collect()
     }
 
+    /// How many routes would be imported from `peer` after a delta of `upserts` and
+    /// `removals`: checked before the delta is applied.
+    pub fn imported_after_delta(
+        &self,
+        peer: &ClusterName,
+        upserts: &[Arc<Route>],
+        removals: &[RouteKey],
+    ) -> usize {
+        let empty = Routes::default();
+        let set = self.imported.get(peer).unwrap_or(&empty);
+        let upserted: HashSet<&RouteKey> = upserts.iter().map(|r| &r.key).collect();
+        let added = upserted.iter().filter(|k| !set.contains_key(**k)).count();
+        let removed: HashSet<&RouteKey> = removals
+            .iter()
+            .filter(|k| set.contains_key(*k) && !upserted.contains(k))
+            .collect();
+        (set.len() + added).saturating_sub(removed.len())
+    }
+
     /// How many routes came from `peer`.
     pub fn imported_count(&self, peer: &ClusterName) -> usize {
         self.imported.get(peer).map_or(0, HashMap::len)

@@ -278,6 +278,20 @@ impl PeerSelector {
     }
 }
 
+impl PeerSelector {
+    /// Whether some caller of cluster `cluster` could be selected: `cluster:<cluster>`, or
+    /// an exact ID of that cluster in the mesh trust domain. What a peer route-sync may
+    /// learn about a route follows from it.
+    pub fn admits_cluster(&self, cluster: &ClusterName, trust_domain: &str) -> bool {
+        match self {
+            PeerSelector::Cluster(c) => c == cluster,
+            PeerSelector::Identity(id) => {
+                id.trust_domain() == trust_domain && id.cluster() == Some(cluster.as_str())
+            }
+        }
+    }
+}
+
 impl fmt::Display for PeerSelector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -393,6 +407,16 @@ impl Route {
                 .allowed_peers
                 .iter()
                 .any(|sel| sel.matches(caller, trust_domain))
+    }
+
+    /// Whether some caller of cluster `cluster` may use the route: exported, and one
+    /// selector admits that cluster (see [`PeerSelector::admits_cluster`]).
+    pub fn admits_cluster(&self, cluster: &ClusterName, trust_domain: &str) -> bool {
+        self.exported
+            && self
+                .allowed_peers
+                .iter()
+                .any(|sel| sel.admits_cluster(cluster, trust_domain))
     }
 
     /// Same route ignoring `revision`: what decides whether an update is a change.

@@ -14,14 +14,39 @@ use crate::proto;
 /// # Errors
 /// Any I/O error; the previous file is then untouched.
 pub fn save(path: &Path, update: &proto::Update) -> std::io::Result<()> {
+    save_message(path, update)
+}
+
+/// Writes any protobuf message to `path` atomically, as [`save`] does.
+///
+/// # Errors
+/// Any I/O error; the previous file is then untouched.
+pub fn save_message(path: &Path, message: &impl Message) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(&update.encode_to_vec())?;
+    file.write_all(&message.encode_to_vec())?;
     file.sync_all()?;
     drop(file);
     std::fs::rename(&tmp, path)
+}
+
+/// Reads a message saved by [`save_message`]; `None` when there is no file.
+///
+/// # Errors
+/// When the file exists but cannot be read or decoded as `M`.
+pub fn load_message<M: Message + Default>(path: &Path) -> std::io::Result<Option<M>> {
+    match std::fs::read(path) {
+        Ok(bytes) => M::decode(bytes.as_slice()).map(Some).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} does not decode: {e}", path.display()),
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Writes a snapshot to `path` atomically, as [`save`] does: `header` (its epoch, revision

@@ -14,9 +14,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::RouteSyncConfig;
 use crate::model::ClusterName;
-use crate::node::{Node, NodeSettings, PeerSpec};
+use crate::node::{Keepalive, Node, NodeSettings, PeerLimits, PeerSpec, VipSettings};
 use crate::proto;
 use crate::source::file::FileSource;
+use crate::vip::VipRange;
 
 fn load_tls(cfg: &RouteSyncConfig) -> anyhow::Result<(MeshTls, TlsFiles)> {
     let files = cfg.tls.files();
@@ -46,6 +47,22 @@ pub async fn run(cfg: RouteSyncConfig, stop: CancellationToken) -> anyhow::Resul
             .collect::<Result<_, crate::InvalidRoute>>()?,
         state_dir: cfg.state_dir.clone(),
         handshake_timeout: Duration::from_secs(5),
+        vips: match &cfg.vips {
+            Some(v) => Some(VipSettings {
+                range: VipRange::parse(&v.range)?,
+                hold: v.hold.get(),
+            }),
+            None => None,
+        },
+        limits: PeerLimits {
+            max_batch_chunks: cfg.limits.max_batch_chunks,
+            max_batch_routes: cfg.limits.max_batch_routes,
+            max_routes_per_peer: cfg.limits.max_routes_per_peer,
+        },
+        keepalive: Keepalive {
+            interval: cfg.keepalive.interval.get(),
+            timeout: cfg.keepalive.timeout.get(),
+        },
     };
     let node = Node::bind(settings, cfg.listen)
         .await

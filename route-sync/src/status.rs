@@ -29,6 +29,28 @@ pub fn render(status: &StatusReply, ours: &[String]) -> String {
             "no"
         }
     );
+    match &status.vips {
+        Some(v) => {
+            let _ = writeln!(
+                out,
+                "vips        {} (hold {}s): {} assigned, {} held, {} free, {} exhausted{}",
+                v.range,
+                v.hold_seconds,
+                v.assigned,
+                v.held,
+                v.free,
+                v.exhausted,
+                if v.exhausted > 0 {
+                    "  RANGE EXHAUSTED: names without a VIP"
+                } else {
+                    ""
+                }
+            );
+        }
+        None => {
+            let _ = writeln!(out, "vips        (none configured)");
+        }
+    }
     let _ = writeln!(out, "\npeers");
     if status.peers.is_empty() {
         let _ = writeln!(out, "  (none)");
@@ -36,7 +58,7 @@ pub fn render(status: &StatusReply, ours: &[String]) -> String {
     for p in &status.peers {
         let _ = writeln!(
             out,
-            "  {:<12} {:<13} {:<22} revision {:<8} routes {:<7} snapshots {} deltas {}{}",
+            "  {:<12} {:<13} {:<22} revision {:<8} routes {:<7} snapshots {} deltas {}{}{}",
             p.cluster,
             p.state,
             p.endpoint,
@@ -44,6 +66,11 @@ pub fn render(status: &StatusReply, ours: &[String]) -> String {
             p.routes,
             p.snapshots,
             p.deltas,
+            if p.refused > 0 {
+                format!(" refused {}", p.refused)
+            } else {
+                String::new()
+            },
             if p.last_error.is_empty() {
                 String::new()
             } else {
@@ -112,9 +139,21 @@ mod tests {
                 clusters: vec!["diego".into(), "k8s".into()],
                 winner: "k8s".into(),
             }],
+            vips: Some(crate::proto::VipStatus {
+                range: "100.64.0.0/16".into(),
+                hold_seconds: 3600,
+                assigned: 3,
+                exhausted: 1,
+                ..crate::proto::VipStatus::default()
+            }),
             ..StatusReply::default()
         };
         let text = render(&status, &["CA1".to_string()]);
+        assert!(
+            text.contains("100.64.0.0/16 (hold 3600s): 3 assigned"),
+            "{text}"
+        );
+        assert!(text.contains("RANGE EXHAUSTED"));
         assert!(text.contains("YES"));
         assert!(text.contains("connection refused"));
         assert!(text.contains("orders.apps.internal:8080 offered by diego, k8s -> k8s wins"));

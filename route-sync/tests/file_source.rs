@@ -88,7 +88,17 @@ routes:
 
 #[test]
 fn malformed_files_are_errors_not_empty_tables() {
-    for text in ["", "routes: [", "- a\n- b", "routez: []", "routes: 5"] {
+    for text in [
+        "",
+        "routes: [",
+        "- a\n- b",
+        "routez: []",
+        "routes: 5",
+        "routes:",
+        "routes:\n",
+        "routes: ~",
+        "routes: null",
+    ] {
         let err = parse(text, Path::new("r.yaml")).unwrap_err();
         assert!(matches!(err, SourceError::Malformed { .. }), "{text:?}");
         assert!(err.to_string().contains("r.yaml"));
@@ -212,6 +222,127 @@ async fn the_file_source_runs_behind_the_source_trait() {
     let cancel = CancellationToken::new();
     let task = RouteSource::run(source, store.clone(), cancel.clone());
     wait_for(&mut watch, |t| t.len() == 2).await;
+    cancel.cancel();
+    timeout(Duration::from_secs(1), task)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+/// A file of `n` routes in block style, as an operator or a template writes it.
+fn block_file(n: usize) -> String {
+    let mut text = String::from("routes:\n");
+    for i in 0..n {
+        text.push_str(&format!(
+            "  - name: svc-{i}.apps.internal\n    port: 8080\n    home_cluster: k8s\n    exported: true\n    allowed_peers: [cluster:diego]\n"
+        ));
+    }
+    text
+}
+
+#[test]
+fn a_refused_entry_keeps_the_last_good_version_of_its_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("routes.yaml");
+    let store = RouteStore::new();
+    let source = FileSource::new(&path);
+    std::fs::write(&path, block_file(3)).unwrap();
+    source.apply(&store).unwrap();
+    // Cut mid-entry: the last entry has its name and a port cut short, nothing more.
+    let full = block_file(3);
+    let cut = &full[..full.rfind("    home_cluster").unwrap() - 3];
+    assert!(cut.ends_with("port: 80"), "{cut:?}");
+    std::fs::write(&path, cut).unwrap();
+    let (_, rejected) = source.apply(&store).unwrap();
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    let t = store.snapshot();
+    assert_eq!(t.len(), 3, "svc-2 keeps its last good version");
+    assert!(t.get(&key("svc-2.apps.internal:8080")).is_some());
+    // A valid file without the name does remove it.
+    std::fs::write(&path, block_file(2)).unwrap();
+    source.apply(&store).unwrap();
+    assert_eq!(store.snapshot().len(), 2);
+}
+
+/// A writer that truncates the file and writes it in two steps, the pause between them
+/// shorter than the poll interval, never makes the table shrink: the watcher waits for the
+/// file to settle. Cut points: an empty file, right after `routes:`, at an entry boundary,
+/// and mid-entry.
+#[tokio::test]
+async fn a_file_rewritten_in_two_steps_never_removes_routes() {
+    use std::io::Write;
+    const N: usize = 40;
+    let poll = Duration::from_millis(100);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("routes.yaml");
+    let full = block_file(N);
+    std::fs::write(&path, &full).unwrap();
+    let store = RouteStore::new();
+    let source = FileSource::new(&path);
+    let stats = source.stats();
+    let cancel = CancellationToken::new();
+    let task = source.watch(store.clone(), poll, cancel.clone());
+    let mut watch = store.subscribe();
+    wait_for(&mut watch, |t| t.len() == N).await;
+
+    // The consumer: every table the store publishes, checked as it comes.
+    let seen_min = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(N));
+    let consumer = {
+        let seen_min = std::sync::Arc::clone(&seen_min);
+        let mut watch = store.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let t = watch.changed().await;
+                seen_min.fetch_min(t.len(), Ordering::SeqCst);
+            }
+        })
+    };
+
+    let boundary = full.match_indices("  - name:").nth(N / 2).unwrap().0;
+    let mid_entry = boundary + "  - name: svc-20.apps.internal\n    po".len();
+    let cuts = [0, "routes:\n".len(), boundary, mid_entry];
+    let loads_before =
+        stats.loads_ok.load(Ordering::Relaxed) + stats.loads_failed.load(Ordering::Relaxed);
+    for round in 0..12 {
+        let cut = cuts[round % cuts.len()];
+        // Step one: truncate and write the first part.
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        file.write_all(&full.as_bytes()[..cut]).unwrap();
+        file.flush().unwrap();
+        // A pause shorter than the poll interval, during which a poll may see the cut file.
+        tokio::time::sleep(poll * 3 / 10).await;
+        // Step two: the rest.
+        file.write_all(&full.as_bytes()[cut..]).unwrap();
+        drop(file);
+        tokio::time::sleep(poll * 3 / 2).await;
+    }
+    // Let the last write settle and load.
+    timeout(Duration::from_secs(2), async {
+        while stats.loads_ok.load(Ordering::Relaxed) + stats.loads_failed.load(Ordering::Relaxed)
+            == loads_before
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the watcher loaded the rewritten file");
+    tokio::time::sleep(poll * 3).await;
+    consumer.abort();
+    assert_eq!(
+        seen_min.load(Ordering::SeqCst),
+        N,
+        "the consumer saw a table with fewer routes"
+    );
+    assert_eq!(store.snapshot().len(), N);
+    assert_eq!(
+        stats.loads_failed.load(Ordering::Relaxed),
+        0,
+        "no cut file was ever read"
+    );
     cancel.cancel();
     timeout(Duration::from_secs(1), task)
         .await

@@ -76,6 +76,9 @@ fn start(ca: &MeshCa, cluster: &str, listener: TcpListener, peer: (&str, SocketA
             }],
             state_dir: None,
             handshake_timeout: Duration::from_secs(5),
+            vips: None,
+            limits: Default::default(),
+            keepalive: Default::default(),
         },
         listener,
     );

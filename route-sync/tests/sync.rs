@@ -9,10 +9,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use isthmus_certs::PeerPolicy;
 use isthmus_certs::ca::MeshCa;
 use isthmus_route_sync::client::RouteSyncSource;
 use isthmus_route_sync::node::{Node, NodeHandle, NodeSettings, PeerSpec};
-use isthmus_route_sync::{Backend, Protocol, Route, RouteKey, RouteName, RouteStore};
+use isthmus_route_sync::proto;
+use isthmus_route_sync::{Backend, PeerSelector, Protocol, Route, RouteKey, RouteName, RouteStore};
 use tokio::net::TcpListener;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
@@ -27,7 +29,11 @@ fn route(name: &str, home: &str, exported: bool) -> Route {
         protocol: Protocol::Http,
         home_cluster: c(home),
         exported,
-        allowed_peers: vec![],
+        // Every cluster these tests run: a peer sees only routes some caller of it may use.
+        allowed_peers: ["diego", "k8s", "a", "b", "c"]
+            .iter()
+            .map(|p| PeerSelector::parse(&format!("cluster:{p}")).unwrap())
+            .collect(),
         backends: vec![Backend::parse("10.1.2.3:8080").unwrap()],
         weights: Default::default(),
         vip: None,
@@ -74,6 +80,9 @@ fn start(
             .collect(),
         state_dir: state,
         handshake_timeout: Duration::from_secs(5),
+        vips: None,
+        limits: Default::default(),
+        keepalive: Default::default(),
     };
     let node = Node::with_listener(settings, listener);
     let running = Running {
@@ -298,7 +307,7 @@ async fn bad_local_entries_are_rejected_while_good_ones_apply() {
     let file = dir.path().join("routes.yaml");
     std::fs::write(
         &file,
-        "routes:\n  - {name: good.apps.internal, port: 8080, home_cluster: diego, exported: true}\n  - {name: 10.0.0.1, port: 8080, home_cluster: diego}\n  - {name: spoof.apps.internal, port: 8080, home_cluster: k8s, exported: true}\n",
+        "routes:\n  - {name: good.apps.internal, port: 8080, home_cluster: diego, exported: true, allowed_peers: [cluster:k8s]}\n  - {name: 10.0.0.1, port: 8080, home_cluster: diego}\n  - {name: spoof.apps.internal, port: 8080, home_cluster: k8s, exported: true}\n",
     )
     .unwrap();
     let source = isthmus_route_sync::source::file::FileSource::new(&file);
@@ -332,24 +341,169 @@ async fn bad_local_entries_are_rejected_while_good_ones_apply() {
     k8s.stop().await;
 }
 
+/// A raw gRPC client of `server` with the identity of `component` in `cluster`.
+fn raw_client(
+    ca: &MeshCa,
+    cluster: &str,
+    component: &str,
+    server: SocketAddr,
+) -> proto::route_sync_client::RouteSyncClient<tonic::transport::Channel> {
+    let tls = tls(ca, cluster, component).client_config(PeerPolicy::trust_domain(TD), &[b"h2"]);
+    proto::route_sync_client::RouteSyncClient::new(
+        isthmus_route_sync::grpc::channel(server, tls).unwrap(),
+    )
+}
+
 #[tokio::test]
 async fn strangers_get_nothing() {
     let ca = MeshCa::generate(TD).unwrap();
     let node = start(&ca, "diego", listener().await, vec![], None);
     node.local
         .replace_all([route("a.apps.internal", "diego", true)]);
-    // A cluster that is not a configured peer.
-    let store = RouteStore::new();
-    let cancel = CancellationToken::new();
-    let mut src = consumer(&ca, "diego", node.addr, None);
-    src.tls = tls(&ca, "billing", "route-sync");
-    src.cluster = c("diego");
-    let (state, _) = src.spawn(store.clone(), cancel.clone());
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(store.snapshot().is_empty());
-    assert!(state.stale.load(std::sync::atomic::Ordering::Acquire));
-    cancel.cancel();
+    // A cluster that is not a configured peer: every call is refused, and says why.
+    let mut client = raw_client(&ca, "billing", "route-sync", node.addr);
+    let watch = timeout(
+        Duration::from_secs(5),
+        client.watch(proto::WatchRequest::default()),
+    )
+    .await
+    .expect("the node answered");
+    let refusal = watch.err().expect("Watch refused");
+    assert_eq!(refusal.code(), tonic::Code::PermissionDenied, "{refusal:?}");
+    assert!(
+        refusal.message().contains("billing"),
+        "{}",
+        refusal.message()
+    );
+    let list = timeout(Duration::from_secs(5), client.list(proto::ListRequest {}))
+        .await
+        .unwrap();
+    assert_eq!(list.unwrap_err().code(), tonic::Code::PermissionDenied);
+    let status = timeout(
+        Duration::from_secs(5),
+        client.status(proto::StatusRequest {}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status.unwrap_err().code(), tonic::Code::PermissionDenied);
     node.stop().await;
+}
+
+fn allowed(name: &str, allowed: &[&str]) -> Route {
+    let mut r = route(name, "diego", true);
+    r.allowed_peers = allowed
+        .iter()
+        .map(|p| PeerSelector::parse(p).unwrap())
+        .collect();
+    r
+}
+
+/// A peer receives only the exported routes some caller of its cluster may use, follows
+/// changes of `allowed_peers` both ways, and its `Status` tells it no more than that view.
+#[tokio::test]
+async fn a_peer_sees_only_what_it_may_call_and_a_status_of_its_own_view() {
+    let ca = MeshCa::generate(TD).unwrap();
+    let (ld, lk, le) = (listener().await, listener().await, listener().await);
+    let (ad, ak, ae) = (
+        ld.local_addr().unwrap(),
+        lk.local_addr().unwrap(),
+        le.local_addr().unwrap(),
+    );
+    let diego = start(&ca, "diego", ld, vec![("k8s", ak), ("eu", ae)], None);
+    let k8s = start(&ca, "k8s", lk, vec![("diego", ad)], None);
+    let eu = start(&ca, "eu", le, vec![("diego", ad)], None);
+    diego.local.replace_all([
+        allowed("by-cluster.apps.internal", &["cluster:k8s"]),
+        allowed(
+            "by-id.apps.internal",
+            &["spiffe://mesh.local/cluster/k8s/gateway"],
+        ),
+        allowed("eu-only.apps.internal", &["cluster:eu"]),
+        // The right cluster name in another trust domain admits nobody of this mesh's k8s.
+        allowed(
+            "other-domain.apps.internal",
+            &["spiffe://elsewhere.local/cluster/k8s/gateway"],
+        ),
+        allowed("nobody.apps.internal", &[]),
+        route("unexported.apps.internal", "diego", false),
+        // Offered by eu too: a conflict at diego, which k8s must not hear about.
+        allowed("shared.apps.internal", &["cluster:eu"]),
+    ]);
+    eu.local
+        .replace_all([route("shared.apps.internal", "eu", true)]);
+    let names = |store: &RouteStore| {
+        let mut n: Vec<String> = store
+            .snapshot()
+            .iter()
+            .filter(|r| r.home_cluster.as_str() == "diego")
+            .map(|r| r.key.name.to_string())
+            .collect();
+        n.sort();
+        n
+    };
+    eventually("k8s imported its two", Duration::from_secs(5), || {
+        names(&k8s.merged) == ["by-cluster.apps.internal", "by-id.apps.internal"]
+    })
+    .await;
+    eventually("eu imported its one", Duration::from_secs(5), || {
+        names(&eu.merged) == ["eu-only.apps.internal"]
+    })
+    .await;
+    eventually("diego sees the conflict", Duration::from_secs(5), || {
+        !diego.handle.status().conflicts.is_empty()
+    })
+    .await;
+
+    // allowed_peers changes travel as deltas: k8s loses one route and gains another.
+    diego.local.apply(
+        [
+            allowed("by-cluster.apps.internal", &["cluster:eu"]),
+            allowed("eu-only.apps.internal", &["cluster:eu", "cluster:k8s"]),
+        ],
+        [],
+    );
+    eventually("k8s follows the change", Duration::from_secs(5), || {
+        names(&k8s.merged) == ["by-id.apps.internal", "eu-only.apps.internal"]
+    })
+    .await;
+    let via_list = timeout(
+        Duration::from_secs(5),
+        raw_client(&ca, "k8s", "route-sync", diego.addr).list(proto::ListRequest {}),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .into_inner();
+    let mut listed: Vec<String> = via_list.upserts.iter().map(|r| r.name.clone()).collect();
+    listed.sort();
+    assert_eq!(listed, ["by-id.apps.internal", "eu-only.apps.internal"]);
+
+    // Status, as k8s's route-sync asks it: its own view only.
+    let status = timeout(
+        Duration::from_secs(5),
+        raw_client(&ca, "k8s", "route-sync", diego.addr).status(proto::StatusRequest {}),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .into_inner();
+    assert_eq!(status.routes, 2, "{status:?}");
+    assert!(
+        status.peers.is_empty(),
+        "no word of other peers: {status:?}"
+    );
+    assert!(status.conflicts.is_empty(), "no conflicts: {status:?}");
+    assert!(status.vips.is_none());
+    assert_eq!(status.rejected, 0);
+    assert_eq!(status.revision, diego.merged.snapshot().revision());
+    assert_eq!(status.trust_anchors.len(), 1);
+    // A local component still gets the whole picture.
+    let local = diego.handle.status();
+    assert_eq!(local.peers.len(), 2);
+    assert!(!local.conflicts.is_empty());
+    diego.stop().await;
+    k8s.stop().await;
+    eu.stop().await;
 }
 
 #[tokio::test]

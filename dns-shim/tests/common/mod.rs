@@ -78,10 +78,10 @@ pub fn config(routes: &Path, answer: AnswerConfig, upstream: UpstreamConfig) -> 
     cfg
 }
 
-/// VIP answers from 100.64.0.0/16.
+/// VIP answers: each route's own `vip`.
 pub fn vips() -> AnswerConfig {
     AnswerConfig {
-        vip_range: Some("100.64.0.0/16".into()),
+        vip: true,
         egress: Vec::new(),
     }
 }
@@ -89,7 +89,7 @@ pub fn vips() -> AnswerConfig {
 /// Shared answers from these addresses.
 pub fn shared(addrs: &[&str]) -> AnswerConfig {
     AnswerConfig {
-        vip_range: None,
+        vip: false,
         egress: addrs.iter().map(|a| a.parse().unwrap()).collect(),
     }
 }

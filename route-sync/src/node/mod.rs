@@ -17,10 +17,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::merge::Merger;
-use crate::model::{ClusterName, Route, RouteKey};
+use crate::model::{ClusterName, Route, RouteKey, RouteName};
 use crate::proto;
 use crate::source::Rejected;
 use crate::table::RouteStore;
+use crate::vip::{VipAllocator, VipRange};
 
 pub(crate) mod metrics;
 mod peer;
@@ -58,6 +59,63 @@ pub struct NodeSettings {
     pub state_dir: Option<PathBuf>,
     /// Time allowed for a TLS handshake.
     pub handshake_timeout: Duration,
+    /// Per-route VIPs assigned by this node; none: routes carry no VIP.
+    pub vips: Option<VipSettings>,
+    /// Bounds on what a peer may send.
+    pub limits: PeerLimits,
+    /// HTTP/2 keepalive of the gRPC server.
+    pub keepalive: Keepalive,
+}
+
+/// The node's VIP allocation: the range, and how long a name that left keeps its VIP held.
+#[derive(Debug, Clone, Copy)]
+pub struct VipSettings {
+    /// Where VIPs come from.
+    pub range: VipRange,
+    /// How long a VIP stays reserved for a name that left.
+    pub hold: Duration,
+}
+
+/// Bounds on what one peer may send (see `limits` in [`crate::config`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerLimits {
+    /// Chunks of one snapshot or delta before its final one.
+    pub max_batch_chunks: usize,
+    /// Routes and removals of one snapshot or delta before its final chunk.
+    pub max_batch_routes: usize,
+    /// Routes imported from one peer.
+    pub max_routes_per_peer: usize,
+}
+
+impl Default for PeerLimits {
+    /// 256 chunks of 5,000 and a million entries let through a 250,000-route snapshot four
+    /// times over; 500,000 routes per peer is twice the largest cluster measured.
+    fn default() -> Self {
+        Self {
+            max_batch_chunks: 256,
+            max_batch_routes: 1_000_000,
+            max_routes_per_peer: 500_000,
+        }
+    }
+}
+
+/// HTTP/2 keepalive of the gRPC server: a caller is pinged after `interval` of silence and
+/// dropped, with its Watch streams, when it does not answer within `timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Silence before a PING.
+    pub interval: Duration,
+    /// Time allowed for the PING's answer.
+    pub timeout: Duration,
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(10),
+            timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 /// Live state of one peer, for status and for resuming.
@@ -83,6 +141,8 @@ pub struct PeerState {
     pub deltas: u64,
     /// Whether the peer has been reached since start.
     pub ever_connected: bool,
+    /// Updates refused for breaking a limit.
+    pub refused: u64,
 }
 
 pub(crate) struct Shared {
@@ -92,6 +152,8 @@ pub(crate) struct Shared {
     /// The merged table served to consumers.
     pub(crate) merged: RouteStore,
     pub(crate) merger: Mutex<Merger>,
+    /// The VIP of every name of the merged table; locked after `merger` when both are.
+    pub(crate) vips: Option<Mutex<VipAllocator>>,
     pub(crate) epoch: String,
     pub(crate) local_loaded: AtomicBool,
     pub(crate) peers: Vec<(PeerSpec, Mutex<PeerState>)>,
@@ -123,7 +185,8 @@ impl Shared {
         });
     }
 
-    /// Applies merger results for `keys` to the merged table, counting refusals.
+    /// Applies merger results for `keys` to the merged table, counting refusals, and gives
+    /// every route its name's VIP (see [`Shared::assign_vips`]).
     pub(crate) fn apply_merge(
         &self,
         merger: &Merger,
@@ -140,8 +203,8 @@ impl Shared {
             return;
         }
         let delta = merger.resolve(keys);
-        let applied = self.merged.apply_shared(delta.upserts, delta.removals);
-        if applied.is_change() {
+        let changed = self.assign_vips(delta.upserts, delta.removals);
+        if changed {
             self.metrics.applied.inc();
             self.metrics
                 .set_counts(merger, self.merged.snapshot().len());
@@ -149,10 +212,131 @@ impl Shared {
         }
     }
 
+    /// Applies `upserts` and `removals` to the merged table with each route's `vip` set to
+    /// its name's VIP from this node's allocation (or none without one): whatever VIP a
+    /// source or a peer put on a route is overwritten. A name that left the table releases
+    /// its VIP (held); names that were waiting for one and got it are updated in a second
+    /// change, after the first removed the old owner, so no table ever shows one VIP on two
+    /// names. True when the table changed.
+    fn assign_vips(&self, upserts: Vec<Arc<Route>>, removals: Vec<RouteKey>) -> bool {
+        let Some(vips) = &self.vips else {
+            let upserts = upserts.into_iter().map(|r| with_vip(r, None));
+            return self.merged.apply_shared(upserts, removals).is_change();
+        };
+        let now = now_unix_ms();
+        let mut alloc = lock(vips);
+        let waiting_before = alloc.counts().waiting;
+        let upserts: Vec<Arc<Route>> = upserts
+            .into_iter()
+            .map(|r| {
+                let vip = alloc.add(&r.key.name, now);
+                with_vip(r, vip)
+            })
+            .collect();
+        let mut changed = self
+            .merged
+            .apply_shared(upserts, removals.iter().cloned())
+            .is_change();
+        let table = self.merged.snapshot();
+        let mut given = Vec::new();
+        for key in &removals {
+            if table.by_route_name(&key.name).is_empty() {
+                given.extend(alloc.remove(&key.name, now));
+            }
+        }
+        if !given.is_empty() {
+            let routes: Vec<Arc<Route>> = given
+                .iter()
+                .flat_map(|(name, ip)| {
+                    table
+                        .by_route_name(name)
+                        .iter()
+                        .map(|r| with_vip(Arc::clone(r), Some(*ip)))
+                })
+                .collect();
+            changed |= self.merged.apply_shared(routes, []).is_change();
+        }
+        let counts = alloc.counts();
+        drop(alloc);
+        if waiting_before == 0 && counts.waiting > 0 {
+            tracing::warn!(
+                range = %self.settings.vips.map(|v| v.range.to_string()).unwrap_or_default(),
+                assigned = counts.assigned,
+                waiting = counts.waiting,
+                "the VIP range is exhausted: new route names get no VIP until one is released (use a wider range)"
+            );
+        } else if waiting_before > 0 && counts.waiting == 0 {
+            tracing::info!("every route name has a VIP again");
+        }
+        self.metrics.set_vips(&counts);
+        changed
+    }
+
     pub(crate) fn state_path(&self, name: &str) -> Option<PathBuf> {
         self.settings.state_dir.as_ref().map(|d| d.join(name))
     }
 }
+
+/// `route` with `vip`: the same `Arc` when it already carries it, else a copy.
+fn with_vip(route: Arc<Route>, vip: Option<std::net::IpAddr>) -> Arc<Route> {
+    if route.vip == vip {
+        return route;
+    }
+    let mut copy = Route::clone(&route);
+    copy.vip = vip;
+    Arc::new(copy)
+}
+
+pub(crate) fn now_unix_ms() -> u64 {
+    u64::try_from(peer::now_ms()).unwrap_or(0)
+}
+
+/// The saved VIP allocation, or a fresh one: saved names keep their VIPs, saved holds their
+/// age. A file that does not decode is logged and ignored (VIPs then start afresh).
+fn restore_vips(vips: &VipSettings, dir: Option<&std::path::Path>) -> VipAllocator {
+    let fresh = || VipAllocator::new(vips.range, vips.hold);
+    let Some(dir) = dir else {
+        return fresh();
+    };
+    let path = dir.join(VIPS_FILE);
+    let saved = match crate::persist::load_message::<proto::VipState>(&path) {
+        Ok(Some(saved)) => saved,
+        Ok(None) => return fresh(),
+        Err(e) => {
+            tracing::warn!("ignoring saved VIPs: {e}");
+            return fresh();
+        }
+    };
+    let mut bad = 0usize;
+    let mut assigned = Vec::new();
+    let mut held = Vec::new();
+    for e in &saved.entries {
+        let (Ok(name), Ok(ip)) = (RouteName::parse(&e.name), e.vip.parse()) else {
+            bad += 1;
+            continue;
+        };
+        if e.held {
+            held.push((name, ip, u64::try_from(e.held_since_unix_ms).unwrap_or(0)));
+        } else {
+            assigned.push((name, ip));
+        }
+    }
+    let (alloc, dropped) =
+        VipAllocator::restore(vips.range, vips.hold, assigned, held, now_unix_ms());
+    let counts = alloc.counts();
+    tracing::info!(
+        range = %vips.range,
+        saved_range = %saved.range,
+        assigned = counts.assigned,
+        held = counts.held,
+        dropped = dropped + bad,
+        "restored VIPs"
+    );
+    alloc
+}
+
+/// The file under `state_dir` that keeps the VIP allocation.
+const VIPS_FILE: &str = "vips.pb";
 
 /// A bound node, ready to [`run`](Node::run).
 pub struct Node {
@@ -177,6 +361,7 @@ impl Node {
     pub fn with_listener(settings: NodeSettings, listener: TcpListener) -> Self {
         let mut merger = Merger::new(settings.cluster.clone());
         let mut peers = Vec::new();
+        let mut vips_slot = None;
         let metrics = NodeMetrics::default();
         let merged = RouteStore::new();
         let shared_dir = settings.state_dir.clone();
@@ -218,7 +403,52 @@ impl Node {
             }
             peers.push((spec.clone(), Mutex::new(state)));
         }
-        merged.replace_all_shared(merger.all());
+        // VIPs before serving: restored ones first, then names the restored table has and the
+        // saved allocation does not; saved names the table no longer has start their hold.
+        let vips = settings
+            .vips
+            .as_ref()
+            .map(|v| restore_vips(v, shared_dir.as_deref()));
+        let all = merger.all();
+        match vips {
+            Some(mut alloc) => {
+                let now = now_unix_ms();
+                let routes: Vec<Arc<Route>> = all
+                    .into_iter()
+                    .map(|r| {
+                        let vip = alloc.add(&r.key.name, now);
+                        with_vip(r, vip)
+                    })
+                    .collect();
+                merged.replace_all_shared(routes);
+                let table = merged.snapshot();
+                let gone: Vec<RouteName> = alloc
+                    .assigned()
+                    .filter(|(name, _)| table.by_route_name(name).is_empty())
+                    .map(|(name, _)| name.clone())
+                    .collect();
+                for name in &gone {
+                    // Every name of the table is assigned or waiting already, and a release
+                    // only hands VIPs to waiting names: apply what it gives.
+                    let given = alloc.remove(name, now);
+                    let routes: Vec<Arc<Route>> = given
+                        .iter()
+                        .flat_map(|(n, ip)| {
+                            table
+                                .by_route_name(n)
+                                .iter()
+                                .map(|r| with_vip(Arc::clone(r), Some(*ip)))
+                        })
+                        .collect();
+                    merged.apply_shared(routes, []);
+                }
+                metrics.set_vips(&alloc.counts());
+                vips_slot = Some(Mutex::new(alloc));
+            }
+            None => {
+                merged.replace_all_shared(all.into_iter().map(|r| with_vip(r, None)));
+            }
+        }
         metrics.set_counts(&merger, merged.snapshot().len());
         let epoch = format!("{:016x}", rand::random::<u64>());
         Self {
@@ -227,6 +457,7 @@ impl Node {
                 local,
                 merged,
                 merger: Mutex::new(merger),
+                vips: vips_slot,
                 epoch,
                 local_loaded: AtomicBool::new(false),
                 peers,
@@ -301,7 +532,10 @@ impl Node {
             cancel.clone(),
         );
         let service = service::RouteSyncService::new(Arc::clone(&shared));
+        let keepalive = shared.settings.keepalive;
         let server = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(keepalive.interval))
+            .http2_keepalive_timeout(Some(keepalive.timeout))
             .add_service(
                 proto::route_sync_server::RouteSyncServer::new(service)
                     .max_encoding_message_size(64 << 20),
@@ -424,6 +658,8 @@ struct Saved {
     local: Option<u64>,
     /// Per peer, by index: the epoch and revision of the imports last saved.
     peers: Vec<Option<(String, u64)>>,
+    /// The generation of the VIP allocation last saved.
+    vips: Option<u64>,
 }
 
 /// Saves the local routes and each peer's imports that changed since `saved`, each as a
@@ -442,6 +678,22 @@ fn save_all(shared: &Shared, saved: &mut Saved) {
             let routes = local.iter().map(|r| proto::Route::from_model(r, true));
             match crate::persist::save_routes(&path, &header("", local.revision()), routes) {
                 Ok(()) => saved.local = Some(local.revision()),
+                Err(e) => tracing::warn!("cannot save {}: {e}", path.display()),
+            }
+        }
+    }
+    if let (Some(path), Some(vips)) = (shared.state_path(VIPS_FILE), &shared.vips) {
+        // Names are shared `Arc`s: the lock is held while they are counted out, not while
+        // the file is written.
+        let (generation, state) = {
+            let alloc = lock(vips);
+            let generation = alloc.generation();
+            let state = (saved.vips != Some(generation)).then(|| vip_state(&alloc));
+            (generation, state)
+        };
+        if let Some(state) = state {
+            match crate::persist::save_message(&path, &state) {
+                Ok(()) => saved.vips = Some(generation),
                 Err(e) => tracing::warn!("cannot save {}: {e}", path.display()),
             }
         }
@@ -468,6 +720,26 @@ fn save_all(shared: &Shared, saved: &mut Saved) {
             Ok(()) => saved.peers[i] = Some(at),
             Err(e) => tracing::warn!("cannot save {}: {e}", path.display()),
         }
+    }
+}
+
+/// The saved form of the VIP allocation.
+fn vip_state(alloc: &VipAllocator) -> proto::VipState {
+    let assigned = alloc.assigned().map(|(name, ip)| proto::VipEntry {
+        name: name.as_str().to_owned(),
+        vip: ip.to_string(),
+        held: false,
+        held_since_unix_ms: 0,
+    });
+    let held = alloc.held().map(|(name, ip, since)| proto::VipEntry {
+        name: name.as_str().to_owned(),
+        vip: ip.to_string(),
+        held: true,
+        held_since_unix_ms: i64::try_from(since).unwrap_or(i64::MAX),
+    });
+    proto::VipState {
+        range: alloc.range().to_string(),
+        entries: assigned.chain(held).collect(),
     }
 }
 

@@ -93,6 +93,7 @@ async fn follow(
     };
     let mut names = proto::Names::default();
     let mut batch: Option<Batch> = None;
+    let limits = shared.settings.limits;
     loop {
         let mut update = match stream.message().await {
             Ok(Some(u)) => u,
@@ -109,6 +110,33 @@ async fn follow(
         b.decode(&spec.cluster, &mut names, &update);
         update.upserts = Vec::new();
         if update.more {
+            // A chain that never ends would hold ever more routes here: bounded, and the
+            // stream dropped (the imports applied so far stay) once it goes beyond.
+            b.chunks += 1;
+            if b.chunks > limits.max_batch_chunks {
+                *backoff = MAX_BACKOFF;
+                return Err(refuse(
+                    shared,
+                    index,
+                    "batch_chunks",
+                    format!(
+                        "refused an update of more than {} chunks (limits.max_batch_chunks); the imported routes are kept",
+                        limits.max_batch_chunks
+                    ),
+                ));
+            }
+            if b.entries() > limits.max_batch_routes {
+                *backoff = MAX_BACKOFF;
+                return Err(refuse(
+                    shared,
+                    index,
+                    "batch_routes",
+                    format!(
+                        "refused an update of more than {} routes before its last chunk (limits.max_batch_routes); the imported routes are kept",
+                        limits.max_batch_routes
+                    ),
+                ));
+            }
             continue;
         }
         let Batch {
@@ -116,8 +144,27 @@ async fn follow(
             routes,
             removals,
             mut rejected,
+            ..
         } = batch.take().unwrap_or_default();
         let mut merger = lock(&shared.merger);
+        let after = if snapshot {
+            routes.len()
+        } else {
+            merger.imported_after_delta(&spec.cluster, &routes, &removals)
+        };
+        if after > limits.max_routes_per_peer {
+            drop(merger);
+            *backoff = MAX_BACKOFF;
+            return Err(refuse(
+                shared,
+                index,
+                "routes_per_peer",
+                format!(
+                    "refused an update that would import {after} routes, more than {} (limits.max_routes_per_peer); the imported routes are kept",
+                    limits.max_routes_per_peer
+                ),
+            ));
+        }
         let (keys, more_rejected) = if snapshot {
             lock(state).snapshots += 1;
             merger.import_snapshot(&spec.cluster, routes)
@@ -166,9 +213,33 @@ struct Batch {
     routes: Vec<Arc<Route>>,
     removals: Vec<RouteKey>,
     rejected: Vec<Rejected>,
+    /// Messages received that said `more`.
+    chunks: usize,
+}
+
+/// Counts and logs an update refused for breaking a limit; returns the reason, which ends
+/// the stream and shows as the peer's last error.
+fn refuse(shared: &Shared, index: usize, limit: &'static str, reason: String) -> String {
+    let (spec, state) = &shared.peers[index];
+    tracing::warn!(peer = %spec.cluster, limit, "{reason}");
+    shared
+        .metrics
+        .peer_refused
+        .get_or_create(&super::metrics::RefusedLabel {
+            peer: spec.cluster.to_string(),
+            reason: limit,
+        })
+        .inc();
+    lock(state).refused += 1;
+    reason
 }
 
 impl Batch {
+    /// Routes and removals held so far, refused ones included.
+    fn entries(&self) -> usize {
+        self.routes.len() + self.removals.len() + self.rejected.len()
+    }
+
     /// Decodes one message into the batch, refusing (with a reason) any route the model
     /// refuses.
     fn decode(&mut self, peer: &crate::ClusterName, names: &mut proto::Names, u: &proto::Update) {

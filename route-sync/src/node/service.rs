@@ -1,7 +1,8 @@
 //! The RouteSync gRPC service. What a caller sees follows from its verified identity:
 //! - a component of this cluster gets the merged table, local backends included;
-//! - a configured peer cluster gets only the routes homed here and exported, without backends
-//!   (so imported routes are never exported again: no loops);
+//! - a configured peer cluster gets only the routes homed here, exported, and whose
+//!   `allowed_peers` could admit a caller of that cluster, without backends (so imported
+//!   routes are never exported again: no loops), and a `Status` of only that view;
 //! - anyone else is refused.
 
 use std::pin::Pin;
@@ -13,7 +14,7 @@ use tonic::{Request, Response, Status};
 use super::peer::now_ms;
 use super::{Shared, lock};
 use crate::grpc::Caller;
-use crate::model::{Route, RouteKey};
+use crate::model::{ClusterName, Route, RouteKey};
 use crate::proto;
 use crate::table::{Delta, RouteTable};
 
@@ -60,12 +61,44 @@ impl RouteSyncService {
     }
 }
 
-fn visible(shared: &Shared, view: View, route: &Route) -> Option<proto::Route> {
-    match view {
-        View::Local => Some(proto::Route::from_model(route, true)),
-        View::Peer => (route.home_cluster == shared.settings.cluster && route.exported)
-            .then(|| proto::Route::from_model(route, false)),
+/// Who an answer is for: a local component, or the route-sync of one peer cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Audience {
+    Local,
+    Peer(ClusterName),
+}
+
+impl Audience {
+    /// The audience of a request `view` admitted. A peer is known by the cluster of its
+    /// verified identity (`view` checked it is a configured peer).
+    fn of<T>(view: View, request: &Request<T>) -> Result<Self, Status> {
+        match view {
+            View::Local => Ok(Audience::Local),
+            View::Peer => request
+                .extensions()
+                .get::<Caller>()
+                .and_then(|Caller(id)| id.cluster())
+                .and_then(|c| ClusterName::parse(c).ok())
+                .map(Audience::Peer)
+                .ok_or_else(|| Status::permission_denied("a peer without a cluster name")),
+        }
     }
+}
+
+/// Whether `route` is one the audience may see: everything for a local component; for a
+/// peer, only routes homed here, exported, that some caller of its cluster may use.
+fn may_see(shared: &Shared, who: &Audience, route: &Route) -> bool {
+    match who {
+        Audience::Local => true,
+        Audience::Peer(peer) => {
+            route.home_cluster == shared.settings.cluster
+                && route.admits_cluster(peer, &shared.settings.trust_domain)
+        }
+    }
+}
+
+fn visible(shared: &Shared, who: &Audience, route: &Route) -> Option<proto::Route> {
+    may_see(shared, who, route).then(|| proto::Route::from_model(route, *who == Audience::Local))
 }
 
 fn header(shared: &Shared, revision: u64) -> proto::Update {
@@ -84,7 +117,7 @@ type UpdateSender = tokio::sync::mpsc::Sender<Result<proto::Update, Status>>;
 /// The wire form of the next route of `routes` this caller may see.
 fn next_visible<'a>(
     shared: &Shared,
-    view: View,
+    view: &Audience,
     routes: &mut impl Iterator<Item = &'a Arc<Route>>,
 ) -> Option<proto::Route> {
     routes.find_map(|r| visible(shared, view, r))
@@ -93,7 +126,12 @@ fn next_visible<'a>(
 /// Sends `table` as a snapshot in chunks of [`CHUNK`] routes, each built just before it is
 /// sent: the wire form of the whole table is never held at once. False when the caller
 /// went away.
-async fn send_snapshot(shared: &Shared, view: View, table: &RouteTable, tx: &UpdateSender) -> bool {
+async fn send_snapshot(
+    shared: &Shared,
+    view: &Audience,
+    table: &RouteTable,
+    tx: &UpdateSender,
+) -> bool {
     let mut all = table.iter();
     let mut next = next_visible(shared, view, &mut all);
     loop {
@@ -127,7 +165,7 @@ enum Change {
 /// longer may (unexported, or not ours), then the removed keys.
 fn next_change<'a>(
     shared: &Shared,
-    view: View,
+    view: &Audience,
     upserted: &mut impl Iterator<Item = &'a Arc<Route>>,
     removed: &mut impl Iterator<Item = &'a RouteKey>,
 ) -> Option<Change> {
@@ -148,7 +186,7 @@ fn next_change<'a>(
 /// went away.
 async fn send_delta(
     shared: &Shared,
-    view: View,
+    view: &Audience,
     revision: u64,
     delta: &Delta,
     always: bool,
@@ -202,7 +240,7 @@ impl proto::route_sync_server::RouteSync for RouteSyncService {
         &self,
         request: Request<proto::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let view = self.view(&request)?;
+        let view = Audience::of(self.view(&request)?, &request)?;
         let req = request.into_inner();
         let shared = Arc::clone(&self.shared);
         let (tx, rx): (UpdateSender, _) = tokio::sync::mpsc::channel(8);
@@ -215,14 +253,14 @@ impl proto::route_sync_server::RouteSync for RouteSyncService {
                 .flatten();
             let mut sent = match resume {
                 Some((revision, d)) => {
-                    if !send_delta(&shared, view, revision, &d, true, &tx).await {
+                    if !send_delta(&shared, &view, revision, &d, true, &tx).await {
                         return;
                     }
                     revision
                 }
                 None => {
                     let table = shared.merged.snapshot();
-                    if !send_snapshot(&shared, view, &table, &tx).await {
+                    if !send_snapshot(&shared, &view, &table, &tx).await {
                         return;
                     }
                     table.revision()
@@ -248,14 +286,14 @@ impl proto::route_sync_server::RouteSync for RouteSyncService {
                     }
                     Some((revision, d)) => {
                         sent = revision;
-                        if !send_delta(&shared, view, revision, &d, false, &tx).await {
+                        if !send_delta(&shared, &view, revision, &d, false, &tx).await {
                             return;
                         }
                     }
                     None => {
                         let table = shared.merged.snapshot();
                         sent = table.revision();
-                        if !send_snapshot(&shared, view, &table, &tx).await {
+                        if !send_snapshot(&shared, &view, &table, &tx).await {
                             return;
                         }
                     }
@@ -272,13 +310,13 @@ impl proto::route_sync_server::RouteSync for RouteSyncService {
         &self,
         request: Request<proto::ListRequest>,
     ) -> Result<Response<proto::Update>, Status> {
-        let view = self.view(&request)?;
+        let view = Audience::of(self.view(&request)?, &request)?;
         let table = self.shared.merged.snapshot();
         let mut u = header(&self.shared, table.revision());
         u.snapshot = true;
         u.upserts = table
             .iter()
-            .filter_map(|r| visible(&self.shared, view, r))
+            .filter_map(|r| visible(&self.shared, &view, r))
             .collect();
         Ok(Response::new(u))
     }
@@ -287,14 +325,51 @@ impl proto::route_sync_server::RouteSync for RouteSyncService {
         &self,
         request: Request<proto::StatusRequest>,
     ) -> Result<Response<proto::StatusReply>, Status> {
-        self.view(&request)?;
-        Ok(Response::new(status(&self.shared)))
+        let view = Audience::of(self.view(&request)?, &request)?;
+        Ok(Response::new(match view {
+            Audience::Local => status(&self.shared),
+            peer @ Audience::Peer(_) => peer_status(&self.shared, &peer),
+        }))
+    }
+}
+
+/// The status a peer gets: no more than its own view. The routes it may see (all homed
+/// here), the revision and epoch it follows, staleness and this node's trust anchors; not
+/// the other peers, not local-only routes, not conflicts (they name other clusters), not
+/// VIPs (addresses in this cluster's own range).
+fn peer_status(shared: &Shared, peer: &Audience) -> proto::StatusReply {
+    let table = shared.merged.snapshot();
+    let routes = table.iter().filter(|r| may_see(shared, peer, r)).count() as u64;
+    proto::StatusReply {
+        cluster: shared.settings.cluster.to_string(),
+        identity: shared.settings.tls.local_id().to_string(),
+        epoch: shared.epoch.clone(),
+        revision: table.revision(),
+        routes,
+        local_routes: routes,
+        stale: shared.stale(),
+        trust_anchors: shared.settings.tls.trust_anchors(),
+        ..proto::StatusReply::default()
     }
 }
 
 pub(super) fn status(shared: &Shared) -> proto::StatusReply {
     let table = shared.merged.snapshot();
     let merger = lock(&shared.merger);
+    let vips = shared.vips.as_ref().map(|v| {
+        let mut alloc = lock(v);
+        alloc.expire(super::now_unix_ms());
+        let counts = alloc.counts();
+        proto::VipStatus {
+            range: alloc.range().to_string(),
+            hold_seconds: alloc.hold().as_secs(),
+            assigned: counts.assigned,
+            held: counts.held,
+            free: counts.free,
+            exhausted: counts.waiting,
+            refused_total: counts.refused_total,
+        }
+    });
     proto::StatusReply {
         cluster: shared.settings.cluster.to_string(),
         identity: shared.settings.tls.local_id().to_string(),
@@ -320,6 +395,7 @@ pub(super) fn status(shared: &Shared) -> proto::StatusReply {
                     trust_anchors: s.trust_anchors.clone(),
                     snapshots: s.snapshots,
                     deltas: s.deltas,
+                    refused: s.refused,
                 }
             })
             .collect(),
@@ -335,5 +411,6 @@ pub(super) fn status(shared: &Shared) -> proto::StatusReply {
             .collect(),
         trust_anchors: shared.settings.tls.trust_anchors(),
         rejected: shared.rejected.load(std::sync::atomic::Ordering::Relaxed),
+        vips,
     }
 }

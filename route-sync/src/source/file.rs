@@ -10,11 +10,23 @@
 //!     allowed_peers: [cluster:diego, spiffe://mesh.local/cluster/diego/gateway]
 //!     backends: ["10.0.3.7:8080", "orders.default.svc:8080"]
 //!     weights: {k8s: 100}          # optional
+//!     vip: 100.64.0.7              # optional; see below
 //! ```
 //!
+//! `vip` is for consumers that read a route file themselves, without route-sync (a DNS shim
+//! and an egress given the same static file then answer and recognise the same address).
+//! route-sync ignores it: the VIPs it serves are its own allocation's.
+//!
 //! Each entry is checked on its own: a bad entry is rejected with its reason and the others
-//! apply. A file that is not YAML of this shape (half-written, truncated, empty) changes
-//! nothing: the last good table stays. An explicit `routes: []` does clear the table.
+//! apply, while the routes of the name it gives keep their last good version (an entry cut
+//! mid-way, or a typo in one field, never removes a route). A file that is not YAML of this
+//! shape (half-written, truncated, empty, or `routes:` with nothing after it) changes
+//! nothing: the last good table stays. Only an explicit `routes: []` clears the table.
+//!
+//! The watcher loads a file only once it has settled (its metadata unchanged for one poll
+//! interval), so a writer that truncates the file and writes it in several steps is read
+//! once, whole: a file cut at an entry boundary is valid YAML with fewer routes, and only
+//! waiting tells it apart from a real removal.
 
 use std::collections::BTreeMap;
 use std::collections::HashSet;
@@ -41,6 +53,9 @@ pub struct Loaded {
     pub routes: Vec<Route>,
     /// The refused entries.
     pub rejected: Vec<Rejected>,
+    /// The names that refused entries gave (when the name itself was valid) and no valid
+    /// entry has: [`FileSource::apply`] keeps their current routes rather than removing them.
+    pub unsettled_names: Vec<RouteName>,
 }
 
 /// One entry as written; checked into a [`Route`] by [`RawRoute::into_route`].
@@ -68,6 +83,9 @@ struct RawRoute {
     /// Traffic share per cluster.
     #[serde(default)]
     weights: BTreeMap<String, u32>,
+    /// The route's VIP, for consumers reading the file without route-sync.
+    #[serde(default)]
+    vip: Option<String>,
 }
 
 impl RawRoute {
@@ -94,6 +112,17 @@ impl RawRoute {
                 route: key.to_string(),
             });
         }
+        let vip = match &self.vip {
+            Some(text) => {
+                Some(
+                    text.parse::<std::net::IpAddr>()
+                        .map_err(|_| InvalidRoute::Vip {
+                            value: text.clone(),
+                        })?,
+                )
+            }
+            None => None,
+        };
         Ok(Route {
             key,
             protocol,
@@ -102,7 +131,7 @@ impl RawRoute {
             allowed_peers,
             backends,
             weights,
-            vip: None,
+            vip,
             revision: 0,
         })
     }
@@ -140,13 +169,20 @@ pub fn parse(text: &str, origin: &Path) -> Result<Loaded, SourceError> {
     }
     let entries = match entries {
         Some(serde_norway::Value::Sequence(list)) => list,
-        Some(serde_norway::Value::Null) => Vec::new(),
+        // `routes:` and nothing after it is what a file cut right after the key looks like;
+        // clearing the table takes the explicit `routes: []`.
+        Some(serde_norway::Value::Null) => {
+            return Err(malformed(
+                "`routes` is empty (null); write `routes: []` to remove every route".into(),
+            ));
+        }
         Some(_) => return Err(malformed("`routes` must be a list".into())),
         None => return Err(malformed("missing `routes`".into())),
     };
 
     let mut loaded = Loaded::default();
     let mut seen = HashSet::new();
+    let mut bad_names = Vec::new();
     for (index, value) in entries.into_iter().enumerate() {
         let entry = format!("routes[{index}]");
         let hint = value
@@ -161,10 +197,12 @@ pub fn parse(text: &str, origin: &Path) -> Result<Loaded, SourceError> {
         let raw: RawRoute = match serde_norway::from_value(value) {
             Ok(raw) => raw,
             Err(e) => {
+                bad_names.extend(hint.as_deref().and_then(|n| RouteName::parse(n).ok()));
                 loaded.rejected.push(reject(hint, e.to_string()));
                 continue;
             }
         };
+        let name = RouteName::parse(&raw.name).ok();
         match raw.into_route() {
             Ok(route) => {
                 if seen.insert(route.key.clone()) {
@@ -177,9 +215,17 @@ pub fn parse(text: &str, origin: &Path) -> Result<Loaded, SourceError> {
                     ));
                 }
             }
-            Err(e) => loaded.rejected.push(reject(hint, e.to_string())),
+            Err(e) => {
+                bad_names.extend(name);
+                loaded.rejected.push(reject(hint, e.to_string()));
+            }
         }
     }
+    let good: HashSet<&RouteName> = loaded.routes.iter().map(|r| &r.key.name).collect();
+    bad_names.retain(|n| !good.contains(n));
+    bad_names.sort();
+    bad_names.dedup();
+    loaded.unsettled_names = bad_names;
     Ok(loaded)
 }
 
@@ -225,20 +271,33 @@ impl FileSource {
     /// # Errors
     /// When the file cannot be read or is malformed as a whole; see [`parse`].
     pub fn load(&self) -> Result<Loaded, SourceError> {
-        let text = std::fs::read_to_string(&self.path).map_err(|source| SourceError::Read {
+        parse(&self.read()?, &self.path)
+    }
+
+    fn read(&self) -> Result<String, SourceError> {
+        std::fs::read_to_string(&self.path).map_err(|source| SourceError::Read {
             path: self.path.clone(),
             source,
-        })?;
-        parse(&text, &self.path)
+        })
     }
 
     /// Loads the file into `store`, logging each rejected entry. On error the store is left
-    /// as it was.
+    /// as it was. The routes of a name that only refused entries give keep their current
+    /// version (see [`Loaded::unsettled_names`]).
     ///
     /// # Errors
     /// As [`FileSource::load`].
     pub fn apply(&self, store: &RouteStore) -> Result<(Applied, Vec<Rejected>), SourceError> {
-        let loaded = match self.load() {
+        let text = self.read();
+        self.apply_text(store, text)
+    }
+
+    fn apply_text(
+        &self,
+        store: &RouteStore,
+        text: Result<String, SourceError>,
+    ) -> Result<(Applied, Vec<Rejected>), SourceError> {
+        let loaded = match text.and_then(|t| parse(&t, &self.path)) {
             Ok(loaded) => loaded,
             Err(e) => {
                 self.stats.loads_failed.fetch_add(1, Ordering::Relaxed);
@@ -252,7 +311,21 @@ impl FileSource {
         for rejected in &loaded.rejected {
             tracing::warn!(file = %self.path.display(), "{rejected}");
         }
-        let applied = store.replace_all(loaded.routes);
+        let mut routes = loaded.routes;
+        if !loaded.unsettled_names.is_empty() {
+            let current = store.snapshot();
+            for name in &loaded.unsettled_names {
+                for kept in current.by_route_name(name) {
+                    tracing::warn!(
+                        file = %self.path.display(),
+                        route = %kept.key,
+                        "keeping the last good version of a route whose entry was refused"
+                    );
+                    routes.push(Route::clone(kept));
+                }
+            }
+        }
+        let applied = store.replace_all(routes);
         if applied.is_change() {
             tracing::info!(
                 file = %self.path.display(),
@@ -270,6 +343,11 @@ impl FileSource {
     /// Applies the file now, then again whenever it changes (polled every `interval`), until
     /// `cancel` fires. Polling the file's metadata catches both in-place rewrites and a
     /// Kubernetes ConfigMap's symlink swap, which inotify on the file alone would miss.
+    ///
+    /// A change is loaded only once the file settled: its metadata stayed the same for one
+    /// interval, and again after it was read. A writer that truncates the file and writes it
+    /// in steps less than an interval apart is therefore read once, complete; the first load
+    /// comes one interval after the start.
     pub fn watch(
         self,
         store: RouteStore,
@@ -277,7 +355,7 @@ impl FileSource {
         cancel: CancellationToken,
     ) -> JoinHandle<()> {
         tokio::spawn(async move {
-            let mut last = None;
+            let mut settle = Settle::default();
             let mut ticker = tokio::time::interval(interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -286,15 +364,52 @@ impl FileSource {
                     _ = ticker.tick() => {}
                 }
                 let now = Fingerprint::of(&self.path);
-                if now == last {
+                if !settle.ready(now) {
                     continue;
                 }
-                last = now;
-                if let Err(e) = self.apply(&store) {
+                let text = self.read();
+                // Written to while we read: wait for it to settle again.
+                let after = Fingerprint::of(&self.path);
+                if after != now {
+                    settle.ready(after);
+                    continue;
+                }
+                settle.loaded(now);
+                if let Err(e) = self.apply_text(&store, text) {
                     tracing::warn!("{e}");
                 }
             }
         })
+    }
+}
+
+/// When a changed file may be loaded: once its fingerprint was the same on two polls in a
+/// row and differs from the one last loaded. No clock: the poll interval is the unit.
+#[derive(Debug, Default)]
+struct Settle {
+    /// What the last load read; `None` before the first.
+    loaded: Option<Option<Fingerprint>>,
+    /// What the previous poll saw, while it differs from `loaded`.
+    pending: Option<Option<Fingerprint>>,
+}
+
+impl Settle {
+    /// Whether the file, fingerprinted `now`, should be loaded now.
+    fn ready(&mut self, now: Option<Fingerprint>) -> bool {
+        if self.loaded == Some(now) {
+            self.pending = None;
+            return false;
+        }
+        if self.pending == Some(now) {
+            return true;
+        }
+        self.pending = Some(now);
+        false
+    }
+
+    fn loaded(&mut self, now: Option<Fingerprint>) {
+        self.loaded = Some(now);
+        self.pending = None;
     }
 }
 

@@ -1,4 +1,12 @@
-//! Deterministic virtual IPs for route names.
+//! Virtual IPs for route names.
+//!
+//! Two allocations live here. [`VipAllocator`] (in [`alloc`]) is the one that counts: a
+//! cluster's route-sync runs it over its merged table and carries each name's VIP with the
+//! route, so the DNS shim and the egress read the same address and never compute it apart.
+//! [`VipMap`] below is the older stateless allocation that each consumer ran over its own
+//! view; it is deprecated (see its docs) and kept only until the egress reads `route.vip`.
+//!
+//! # The stateless allocation (`VipMap`, deprecated)
 //!
 //! Apps reach a remote route through an address: the DNS shim answers
 //! `orders.apps.internal` with a virtual IP (VIP), and the egress gateway recognises the
@@ -35,6 +43,10 @@
 //! existing connections are keyed by the address they arrived on, which the gateway
 //! resolved when the connection was accepted, so they are unaffected. Removing a name can
 //! likewise move a name that had probed past it.
+
+pub mod alloc;
+
+pub use alloc::{VipAllocator, VipCounts};
 
 use std::collections::HashMap;
 use std::fmt;
@@ -153,8 +165,18 @@ impl VipRange {
             .unwrap_or(0)
     }
 
+    /// The slot of `ip`: `Some` only for an address this range hands out.
+    pub(crate) fn slot_of(&self, ip: IpAddr) -> Option<u128> {
+        let ip = ip.to_canonical();
+        if !self.contains(ip) {
+            return None;
+        }
+        let slot = (to_bits(ip) & self.host_mask()).checked_sub(1)?;
+        (slot < self.capacity()).then_some(slot)
+    }
+
     /// The address of `slot`, which must be below [`VipRange::capacity`].
-    fn address(&self, slot: u128) -> IpAddr {
+    pub(crate) fn address(&self, slot: u128) -> IpAddr {
         // The network address plus at most `capacity` stays within the host mask, so the
         // sum neither overflows nor leaves the network (nor, for IPv4, 32 bits).
         let bits = to_bits(self.network) | (slot.saturating_add(1) & self.host_mask());
@@ -180,6 +202,11 @@ impl fmt::Display for VipRange {
 }
 
 /// The VIP of every route name, and the route name of every VIP.
+///
+/// Deprecated: computed apart by each consumer over its own view, two consumers whose tables
+/// differ for a moment can give one VIP to two names. Route-sync's [`VipAllocator`] replaces
+/// it (the VIP travels with the route as `Route::vip`); this stays only until the egress
+/// gateway reads `route.vip`, and is then removed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VipMap {
     range: VipRange,
@@ -281,7 +308,7 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
 }
 
 /// The slot a lowercase name would like; `capacity` is at least 1 whenever it is called.
-fn preferred_slot(name: &str, capacity: u128) -> u128 {
+pub(crate) fn preferred_slot(name: &str, capacity: u128) -> u128 {
     u128::from(fnv1a64(name.as_bytes()))
         .checked_rem(capacity)
         .unwrap_or(0)
