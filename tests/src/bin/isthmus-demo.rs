@@ -133,8 +133,12 @@ fn print_layout(world: &World) {
         let ingress: Vec<String> = (0..ingress_replicas(c))
             .map(|i| p.public_at(c, host::INGRESS + i, port::INGRESS).to_string())
             .collect();
+        let vips = world
+            .vip_range(c)
+            .map(|r| format!(" (VIPs {r})"))
+            .unwrap_or_default();
         println!(
-            "  {c:<5}  route-sync {}  dns-shim {}  egress {}  ingress {}",
+            "  {c:<5}  route-sync {}  dns-shim {}  egress {}{vips}  ingress {}",
             p.public_at(c, host::ROUTE_SYNC, port::ROUTE_SYNC),
             world.shim_addr(c),
             world.egress_ip(c),
@@ -155,7 +159,7 @@ fn print_try(world: &World) {
         shim.port()
     );
     println!(
-        "  dig @{} -p {} echo.apps.internal +short              # homed in k8s: diego's egress",
+        "  dig @{} -p {} echo.apps.internal +short              # homed in k8s: its VIP at diego's egress",
         shim.ip(),
         shim.port()
     );

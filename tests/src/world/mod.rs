@@ -157,7 +157,8 @@ impl Options {
 /// What a cluster's DNS shim answers for a name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Answer {
-    /// The local egress: the route is homed in the other cluster.
+    /// The local egress (its shared address, or a VIP in the cluster's range): the route is
+    /// homed in the other cluster.
     Egress,
     /// A local instance's address: the route is homed here.
     Local,
@@ -317,9 +318,26 @@ impl World {
         self.plan.private_at(c, host::DNS_SHIM, port::DNS)
     }
 
-    /// The egress address the shim hands out for names homed elsewhere.
+    /// The egress address the shim hands out for names homed elsewhere, where the cluster
+    /// has no VIP range.
     pub fn egress_ip(&self, c: Cluster) -> IpAddr {
         self.plan.private(c, host::EGRESS)
+    }
+
+    /// The VIP range of `c`, if it answers names homed elsewhere with per-route VIPs.
+    ///
+    /// diego does (`127.<id>.1.128/25`, on the cluster's loopback, bound per VIP by the
+    /// egress): the raw-TCP `echo` route it calls can be told apart only by its address.
+    /// k8s answers the one shared egress address, and its egress tells routes apart by
+    /// Host header or SNI, so the world runs both ways of identifying a connection.
+    pub fn vip_range(&self, c: Cluster) -> Option<isthmus_route_sync::vip::VipRange> {
+        match c {
+            Cluster::Diego => {
+                let base = self.plan.private(c, host::VIPS);
+                isthmus_route_sync::vip::VipRange::parse(&format!("{base}/25")).ok()
+            }
+            Cluster::K8s => None,
+        }
     }
 
     /// Where an app's instance listens in a cluster.
@@ -397,18 +415,25 @@ impl World {
         self.write_routes(c)
     }
 
+    /// The address `c`'s shim answers for `app` now.
+    ///
+    /// # Errors
+    /// The lookup fails.
+    pub async fn resolve(&self, c: Cluster, app: App) -> anyhow::Result<IpAddr> {
+        let dns = self.shim_addr(c);
+        let name = app.host();
+        self.net(c)
+            .run(async move { client::lookup(dns, &name).await })
+            .await
+    }
+
     /// What `c`'s shim answers for `app` now.
     ///
     /// # Errors
     /// The lookup fails.
     pub async fn answer(&self, c: Cluster, app: App) -> anyhow::Result<Answer> {
-        let dns = self.shim_addr(c);
-        let name = app.host();
-        let ip = self
-            .net(c)
-            .run(async move { client::lookup(dns, &name).await })
-            .await?;
-        if ip == self.egress_ip(c) {
+        let ip = self.resolve(c, app).await?;
+        if ip == self.egress_ip(c) || self.vip_range(c).is_some_and(|r| r.contains(ip)) {
             Ok(Answer::Egress)
         } else if ip == self.instance_addr(c, app).ip() {
             Ok(Answer::Local)
@@ -668,7 +693,7 @@ impl World {
         format!(
             "cluster: {c}\ntrust_domain: {TRUST_DOMAIN}\ntls: {}\nlisten: \"{}\"\n\
              admin: {{listen: \"{}\"}}\nsource: {{file: {}, poll_interval: {}ms}}\n\
-             peers:\n  - {{cluster: {}, endpoints: [\"{}\"]}}\nstate_dir: {}\n",
+             peers:\n  - {{cluster: {}, endpoints: [\"{}\"]}}\nstate_dir: {}\n{}",
             self.tls_block(c, "route-sync"),
             self.route_sync_endpoint(c),
             p.private_at(c, host::ROUTE_SYNC, port::ADMIN),
@@ -680,6 +705,9 @@ impl World {
                 .dir
                 .join(format!("state/{c}-route-sync"))
                 .display(),
+            self.vip_range(c)
+                .map(|r| format!("vips: {{range: \"{r}\"}}\n"))
+                .unwrap_or_default(),
         )
     }
 
@@ -716,24 +744,30 @@ impl World {
             .collect();
         format!(
             "{}egress:\n  peers:\n    - {{cluster: {o}, endpoints: [{}], transport: {}}}\n  \
-             listen_address: {}\n  pool: {{connect_timeout: 500ms, handshake_timeout: 2s}}\n",
+             listen_address: {}\n  pool: {{connect_timeout: 500ms, handshake_timeout: 2s}}\n{}",
             self.gateway_head(c, "egress", host::EGRESS),
             endpoints.join(", "),
             self.opts.transport.as_str(),
             self.egress_ip(c),
+            self.vip_range(c)
+                .map(|r| format!("  vip_range: \"{r}\"\n  bind_vips: true\n"))
+                .unwrap_or_default(),
         )
     }
 
     fn shim_config(&self, c: Cluster) -> String {
         format!(
             "cluster: {c}\ndomains: [apps.internal]\nlisten: \"{}\"\nudp_sockets: 1\n\
-             answer: {{egress: [{}]}}\n\
+             answer: {}\n\
              upstream: {{kind: dns, servers: [\"{}\"]}}\nupstream_timeout: 1s\n\
              routes:\n  route_sync:\n    endpoints: [\"{}\"]\n    trust_domain: {TRUST_DOMAIN}\n    \
              tls: {}\n    cache: {}\n\
              admin: {{listen: \"{}\"}}\ndrain_timeout: 1s\n",
             self.shim_addr(c),
-            self.egress_ip(c),
+            match self.vip_range(c) {
+                Some(_) => "{vip: true}".to_string(),
+                None => format!("{{egress: [{}]}}", self.egress_ip(c)),
+            },
             self.plan.private_at(c, host::PLATFORM_DNS, port::DNS),
             self.route_sync_endpoint(c),
             self.tls_block(c, "dns-shim"),

@@ -220,9 +220,9 @@ async fn steps(
     let took = world
         .wait_answer(diego, App::Orders, Answer::Egress, limit)
         .await?;
+    let answered = world.resolve(diego, App::Orders).await?;
     say(format!(
-        "    diego shim now answers orders with the egress {} ({} ms)",
-        world.egress_ip(diego),
+        "    diego shim now answers orders with the egress {answered} ({} ms)",
         took.as_millis()
     ));
     retire(world, recorder, diego, App::Orders, pace, say).await?;
