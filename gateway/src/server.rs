@@ -12,11 +12,11 @@ use isthmus_runtime::admin::{AdminServer, Health};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
-use crate::Context;
 use crate::config::GatewayConfig;
 use crate::egress::Egress;
 use crate::ingress::Ingress;
 use crate::metrics::Metrics;
+use crate::{Context, TableLoaded};
 
 /// Where the gateway's routes come from.
 enum Source {
@@ -56,17 +56,24 @@ impl Gateway {
         tracing::info!(id = %tls.local_id(), serial = %tls.serial(), "identity loaded");
         let routes = RouteStore::new();
         let health = Health::new();
+        let loaded = TableLoaded::new(false);
         let source = match (&cfg.routes.file, &cfg.routes.route_sync) {
             (Some(file), _) => {
                 let source = FileSource::new(file);
                 match source.apply(&routes) {
-                    Ok((applied, rejected)) => tracing::info!(
-                        routes = routes.snapshot().len(),
-                        revision = applied.revision,
-                        rejected = rejected.len(),
-                        "routes loaded"
-                    ),
-                    Err(e) => tracing::error!("{e}"),
+                    Ok((applied, rejected)) => {
+                        tracing::info!(
+                            routes = routes.snapshot().len(),
+                            revision = applied.revision,
+                            rejected = rejected.len(),
+                            "routes loaded"
+                        );
+                        loaded.set();
+                    }
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        health.set_not_ready(format!("route file not loaded: {e}"));
+                    }
                 }
                 Source::File(source)
             }
@@ -88,6 +95,7 @@ impl Gateway {
             routes,
             tls,
             metrics,
+            loaded,
         };
         let admin = AdminServer::bind(cfg.admin.listen, Arc::new(registry), health.clone())
             .await
@@ -131,16 +139,38 @@ impl Gateway {
             .ctx
             .tls
             .watch(self.tls_files, self.tls_poll, background.clone());
+        let loaded = self.ctx.loaded.clone();
         match self.source {
             Source::File(file) => {
+                if !loaded.get() {
+                    // The file could not be read at start: loaded once the watcher applies it.
+                    let mut watch = self.ctx.routes.subscribe();
+                    let (loaded, stop) = (loaded.clone(), background.clone());
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            () = stop.cancelled() => {}
+                            _ = watch.changed() => loaded.set(),
+                        }
+                    });
+                }
                 let _routes = file.watch(self.ctx.routes.clone(), self.poll, background.clone());
             }
             Source::RouteSync(rs) => {
+                if !loaded.get() {
+                    self.health.set_not_ready("waiting for route-sync");
+                }
                 let (state, _task) = rs.spawn(self.ctx.routes.clone(), background.clone());
-                // Health says "stale" while the table is last-known-good.
-                let health = self.health.clone();
-                let _report =
-                    state.report(background.clone(), move |stale| health.set_stale(stale));
+                // Health says "stale" while the table is last-known-good. The table counts as
+                // loaded once route-sync answered, or the cache gave routes to serve (an
+                // empty cache proves nothing: it may predate every export).
+                let (health, routes, loaded) =
+                    (self.health.clone(), self.ctx.routes.clone(), loaded.clone());
+                let _report = state.report(background.clone(), move |stale| {
+                    health.set_stale(stale);
+                    if !stale || !routes.snapshot().is_empty() {
+                        loaded.set();
+                    }
+                });
             }
         }
         let admin = tokio::spawn(self.admin.serve(background.clone()));
@@ -152,7 +182,12 @@ impl Gateway {
         if let Some(egress) = self.egress {
             roles.spawn(egress.run(shutdown.clone(), force.clone()));
         }
-        self.health.set_ready();
+        // Ready only once the table is loaded: before that the ingress refuses every stream
+        // `not_ready` and the egress knows no route, so a load balancer should send nothing.
+        tokio::select! {
+            () = loaded.wait() => self.health.set_ready(),
+            () = shutdown.cancelled() => {}
+        }
         shutdown.cancelled().await;
         self.health.set_not_ready("draining");
         tracing::info!(deadline = ?self.drain, "draining");

@@ -45,6 +45,9 @@ pub(crate) struct Shared {
     pub(crate) cfg: IngressConfig,
     limit: Arc<Semaphore>,
     next_backend: AtomicUsize,
+    /// The shutdown token of [`Ingress::run`]: once it fired, streams that still arrive
+    /// are refused `draining` (503), so the egress carries them through another replica.
+    shutdown: std::sync::OnceLock<CancellationToken>,
 }
 
 /// What an admitted stream gets: the backend it is connected to, and its share of the limit.
@@ -97,6 +100,7 @@ impl Ingress {
                 cfg,
                 limit,
                 next_backend: AtomicUsize::new(0),
+                shutdown: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -115,9 +119,12 @@ impl Ingress {
     }
 
     /// Serves until `shutdown`, then drains: stops accepting, tells every tunnel connection
-    /// to open no new stream (GOAWAY; QUIC stream credit withdrawn), and returns once the
-    /// streams in flight finished. `force` aborts those streams (the drain deadline).
+    /// to open no new stream (h2 GOAWAY; on QUIC the [`GOAWAY`](crate::tunnel::quic::GOAWAY)
+    /// control stream), answers streams that still arrive `draining` (503), closes each
+    /// connection once its streams finished, and returns when all have. `force` aborts the
+    /// streams left (the drain deadline).
     pub async fn run(self, shutdown: CancellationToken, force: CancellationToken) {
+        let _ = self.shared.shutdown.set(shutdown.clone());
         let tracker = TaskTracker::new();
         let tls = self.shared.ctx.tls.server_config(
             PeerPolicy::trust_domain(&self.shared.ctx.trust_domain),
@@ -384,6 +391,18 @@ pub(crate) async fn admit(
     let caller_cluster = caller.cluster().unwrap_or("unknown");
     let table = ctx.routes.snapshot();
     let result: Result<_, Refusal> = async {
+        // Both before the route is looked up: a draining or not-yet-loaded replica must not
+        // give a final answer (404) that another replica would not give.
+        if shared
+            .shutdown
+            .get()
+            .is_some_and(CancellationToken::is_cancelled)
+        {
+            return Err(Refusal::Draining);
+        }
+        if !ctx.loaded.get() {
+            return Err(Refusal::NotReady);
+        }
         let route =
             authorize::authorize(&table, &ctx.cluster, &ctx.trust_domain, authority, caller)?;
         let permit = Arc::clone(&shared.limit)

@@ -105,26 +105,36 @@ async fn connection(
         })
         .clone();
     gauge.inc();
+    // This connection's streams, so a drain knows when the last one ended.
+    let streams = TaskTracker::new();
     let mut draining = false;
     loop {
         tokio::select! {
             stream = conn.accept_bi() => match stream {
                 Ok((send, recv)) => {
-                    tracker.spawn(stream_task(
+                    // While draining, streams that raced the GOAWAY are answered `draining`
+                    // (503) in `admit`, and the egress carries them elsewhere.
+                    tracker.spawn(streams.track_future(stream_task(
                         Arc::clone(&shared),
                         caller.clone(),
                         send,
                         recv,
                         force.clone(),
-                    ));
+                    )));
                 }
                 Err(_) => break,
             },
             () = shutdown.cancelled(), if !draining => {
-                // QUIC has no GOAWAY: withdraw stream credit so the peer opens no new stream
-                // here, and let the ones in flight finish.
+                // Stream credit is left as it is: an egress that has credit would open a
+                // stream anyway, and one without would wait for credit instead of moving on.
                 draining = true;
-                conn.set_max_concurrent_bi_streams(0u32.into());
+                streams.close();
+                tracker.spawn(send_goaway(conn.clone(), shared.cfg.handshake_timeout.get()));
+            }
+            () = streams.wait(), if draining => {
+                // Every stream ended, their bytes acknowledged (see `QuicSend::finish`).
+                conn.close(crate::tunnel::quic::DRAINED, b"drained");
+                break;
             }
             () = force.cancelled() => {
                 conn.close(quinn::VarInt::from_u32(0), b"draining");
@@ -133,6 +143,23 @@ async fn connection(
         }
     }
     gauge.dec();
+}
+
+/// Tells the egress to open no new stream here ([`crate::tunnel::quic::GOAWAY`]).
+async fn send_goaway(conn: quinn::Connection, within: std::time::Duration) {
+    let sent = timeout(within, async {
+        let mut control = conn.open_uni().await?;
+        control.write_all(crate::tunnel::quic::GOAWAY).await?;
+        control.finish()?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+    })
+    .await;
+    match sent {
+        Ok(Ok(())) => {}
+        // An egress that takes no control stream still learns from the `draining` refusals.
+        Ok(Err(e)) => tracing::debug!("could not send GOAWAY: {e}"),
+        Err(_) => tracing::debug!("GOAWAY not sent in time"),
+    }
 }
 
 async fn stream_task(
