@@ -44,6 +44,8 @@ pub(crate) struct Shared {
     pub(crate) ctx: Context,
     pub(crate) cfg: IngressConfig,
     limit: Arc<Semaphore>,
+    /// Handshakes in progress, both transports (`max_handshakes`).
+    handshakes: Arc<Semaphore>,
     next_backend: AtomicUsize,
     /// The shutdown token of [`Ingress::run`]: once it fired, streams that still arrive
     /// are refused `draining` (503), so the egress carries them through another replica.
@@ -92,6 +94,7 @@ impl Ingress {
         quic: Option<quinn::Endpoint>,
     ) -> Self {
         let limit = Arc::new(Semaphore::new(cfg.max_connections));
+        let handshakes = Arc::new(Semaphore::new(cfg.max_handshakes));
         Self {
             tcp,
             quic,
@@ -99,6 +102,7 @@ impl Ingress {
                 ctx,
                 cfg,
                 limit,
+                handshakes,
                 next_backend: AtomicUsize::new(0),
                 shutdown: std::sync::OnceLock::new(),
             }),
@@ -145,9 +149,14 @@ impl Ingress {
                 () = shutdown.cancelled() => break,
                 accepted = self.tcp.accept() => match accepted {
                     Ok((socket, peer)) => {
+                        let Some(handshake) = self.shared.handshake_slot(&peer) else {
+                            let _ = socket.set_zero_linger();
+                            continue;
+                        };
                         tracker.spawn(serve_tcp(
                             Arc::clone(&self.shared),
                             acceptor.clone(),
+                            handshake,
                             socket,
                             peer,
                             shutdown.clone(),
@@ -172,10 +181,28 @@ impl Ingress {
     }
 }
 
+impl Shared {
+    /// A share of `max_handshakes` for a connection from `peer`, or `None` (counted, logged)
+    /// when all are taken.
+    pub(crate) fn handshake_slot(&self, peer: &SocketAddr) -> Option<OwnedSemaphorePermit> {
+        match Arc::clone(&self.handshakes).try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                self.ctx
+                    .metrics
+                    .handshake_failed("ingress", "handshake_limit");
+                tracing::warn!(%peer, limit = self.cfg.max_handshakes, "too many handshakes in progress; connection refused");
+                None
+            }
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn serve_tcp(
     shared: Arc<Shared>,
     acceptor: tokio_rustls::TlsAcceptor,
+    handshake: OwnedSemaphorePermit,
     socket: TcpStream,
     peer: SocketAddr,
     shutdown: CancellationToken,
@@ -233,6 +260,7 @@ async fn serve_tcp(
             return;
         }
     };
+    drop(handshake);
     let gauge = metrics
         .ingress_connections
         .get_or_create(&PoolLabels {

@@ -53,8 +53,13 @@ pub(super) async fn serve(
             () = shutdown.cancelled() => break,
             incoming = endpoint.accept() => match incoming {
                 Some(incoming) => {
+                    let Some(handshake) = shared.handshake_slot(&incoming.remote_address()) else {
+                        incoming.refuse();
+                        continue;
+                    };
                     tracker.spawn(connection(
                         Arc::clone(&shared),
+                        handshake,
                         incoming,
                         shutdown.clone(),
                         force.clone(),
@@ -71,6 +76,7 @@ pub(super) async fn serve(
 
 async fn connection(
     shared: Arc<Shared>,
+    handshake: tokio::sync::OwnedSemaphorePermit,
     incoming: quinn::Incoming,
     shutdown: CancellationToken,
     force: CancellationToken,
@@ -92,6 +98,7 @@ async fn connection(
             return;
         }
     };
+    drop(handshake);
     let Some(caller) = crate::quic_peer_id(&conn) else {
         metrics.handshake_failed("ingress", "no_spiffe_id");
         conn.close(quinn::VarInt::from_u32(1), b"no SPIFFE ID");
