@@ -186,6 +186,20 @@ fn failures(ctx: &isthmus_gateway::Context) -> u64 {
     .sum()
 }
 
+fn egress_handshake_failures(ctx: &isthmus_gateway::Context) -> u64 {
+    let mut text = String::new();
+    let mut reg = prometheus_client::registry::Registry::default();
+    ctx.metrics.register(&mut reg);
+    prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
+    text.lines()
+        .filter(|l| {
+            l.starts_with("isthmus_gateway_handshake_failures_total{")
+                && l.contains("role=\"egress\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 async fn echo_on(s: &mut TcpStream, msg: &[u8]) {
     s.write_all(msg).await.unwrap();
     let mut got = vec![0; msg.len()];
@@ -222,6 +236,11 @@ async fn ingress_drains_alone(transport: Transport) {
     assert_eq!(opened(&a_ctx), 1, "a draining ingress admits no new stream");
     assert_eq!(opened(&b_ctx), 30);
     assert_eq!(failures(&egress_ctx), 0);
+    assert_eq!(
+        egress_handshake_failures(&egress_ctx),
+        0,
+        "the egress does not dial a replica it knows is draining"
+    );
 
     // The stream in flight on A still works, and A stops once it ended.
     echo_on(&mut long, b"still here").await;

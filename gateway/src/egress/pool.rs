@@ -410,6 +410,11 @@ impl Pool {
         if let Some(conn) = self.take_slot(endpoint) {
             return Ok(conn);
         }
+        if draining(endpoint) {
+            // Its replica is going away (GOAWAY): a new connection there would be refused
+            // or dropped, so carry this stream through another endpoint.
+            return Err("the endpoint is draining".into());
+        }
         let failures = endpoint.failures.load(Ordering::Acquire);
         let _dialling = endpoint.dial.lock().await;
         // Someone may have dialled while we waited.
@@ -730,6 +735,13 @@ async fn read_response(recv: &mut quinn::RecvStream) -> Result<(u16, String, Byt
             Err(e) => return Err(Attempt::Retry(format!("stream failed: {e}"), None)),
         }
     }
+}
+
+/// Whether a live connection to `endpoint` is draining.
+fn draining(endpoint: &Endpoint) -> bool {
+    lock(&endpoint.conns)
+        .iter()
+        .any(|c| c.draining.load(Ordering::Acquire) && !c.is_closed())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
