@@ -748,6 +748,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+impl Drop for Opened {
+    /// A stream dropped without being pumped (the app went away first) is reset, so the
+    /// ingress and the backend see a failure: a QUIC send stream dropped as it is would
+    /// finish cleanly, and the backend would read a clean end.
+    fn drop(&mut self) {
+        use crate::tunnel::StreamSend as _;
+        match std::mem::replace(&mut self.stream, OpenedStream::Closed) {
+            OpenedStream::H2(mut send, _) => send.reset(),
+            OpenedStream::Quic(mut send, _) => send.reset(),
+            OpenedStream::Closed => {}
+        }
+    }
+}
+
 impl Opened {
     /// Writes the payload that came with the response head to the app socket.
     ///

@@ -382,6 +382,7 @@ async fn h2_stream(
         Ok(send) => send,
         Err(e) => {
             fail(&shared, &admitted.labels, "caller_gone", &e.to_string());
+            admitted.abort();
             return;
         }
     };
@@ -469,6 +470,14 @@ pub(crate) async fn admit(
             );
             Err(refusal)
         }
+    }
+}
+
+impl Admitted {
+    /// Gives up on the stream before any byte was carried: the backend sees a reset, not a
+    /// connection that was opened and cleanly closed.
+    pub(crate) fn abort(self) {
+        let _ = self.backend.set_zero_linger();
     }
 }
 

@@ -212,10 +212,12 @@ async fn stream_task(
     };
     let Ok(bytes) = ok.encode() else { return };
     if send.write_all(&bytes).await.is_err() {
+        admitted.abort();
         return;
     }
     if !leftover.is_empty() && admitted.backend.write_all(&leftover).await.is_err() {
         send.reset(crate::tunnel::quic::CANCELLED).ok();
+        admitted.abort();
         return;
     }
     carry(
