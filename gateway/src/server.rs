@@ -48,8 +48,8 @@ impl Gateway {
     ///
     /// # Errors
     /// When the certificate files cannot be loaded or a socket cannot be bound. A route file
-    /// that cannot be read is not fatal: the gateway starts not ready and picks it up once
-    /// it is there.
+    /// that cannot be read is not fatal: the gateway starts not ready (its ingress refuses
+    /// streams `not_ready`) and becomes ready once the file watcher has loaded it.
     pub async fn build(cfg: &GatewayConfig) -> anyhow::Result<Self> {
         let tls_files = cfg.tls.files();
         let tls = MeshTls::load(&tls_files).context("loading the gateway's certificates")?;
@@ -131,7 +131,8 @@ impl Gateway {
     }
 
     /// Serves until `shutdown`, then drains for at most the configured drain timeout and
-    /// force-closes what is left.
+    /// force-closes what is left. `/readyz` turns ready once the route table is loaded (the
+    /// file, route-sync, or a cache holding routes) and not ready again at `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
         let force = CancellationToken::new();
         let background = CancellationToken::new();

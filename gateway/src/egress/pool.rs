@@ -775,3 +775,32 @@ impl Opened {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replicas_own_state_is_retried_and_an_answer_from_the_table_is_final() {
+        for (status, reason, label) in [
+            (503, "not_ready", "not_ready"),
+            (503, "draining", "draining"),
+            (503, "backend_unreachable", "backend_unreachable"),
+            (503, "", "unavailable"),
+            (429, "", "overloaded"),
+            (503, "caller text\r\n", "unavailable"),
+        ] {
+            match check_status(status, reason) {
+                Err(Attempt::Retry(_, Some((s, r)))) => assert_eq!((s, r), (status, label)),
+                _ => panic!("{status} {reason:?} should be retried"),
+            }
+        }
+        for status in [400, 401, 404, 418] {
+            assert!(matches!(
+                check_status(status, "not_ready"),
+                Err(Attempt::Refused(s)) if s == status
+            ));
+        }
+        assert!(check_status(200, "").is_ok());
+    }
+}
