@@ -307,3 +307,68 @@ async fn a_draining_egress_finishes_its_streams_and_refuses_new_apps_quic() {
 async fn a_draining_egress_finishes_its_streams_and_refuses_new_apps_tcp() {
     egress_drains_alone(Transport::Tcp).await;
 }
+
+#[tokio::test]
+async fn a_draining_quic_ingress_refuses_new_connections_at_once() {
+    let (echo, _) = echo_backend("").await;
+    let dead = dead_port().await;
+    let mesh = Mesh::new();
+    let a_ctx = mesh.context("k8s", &world_routes(echo, dead));
+    let b_ctx = mesh.context("k8s", &world_routes(echo, dead));
+    let (a_addr, a) = start_ingress(a_ctx.clone(), ingress_cfg()).await;
+    let (b_addr, b) = start_ingress(b_ctx.clone(), ingress_cfg()).await;
+    // Another egress's stream keeps A draining.
+    let other = within(RawQuic::connect(
+        a_addr,
+        &mesh.tls("diego", "gateway"),
+        "k8s",
+    ))
+    .await
+    .unwrap();
+    let (status, mut send, mut recv) =
+        within(other.connect_route("orders.apps.internal:8080")).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        within(quic_echo(&mut send, &mut recv, b"held")).await,
+        b"held"
+    );
+    a.shutdown.cancel();
+
+    // An egress that never had a connection to A dials it first. With a handshake that
+    // would wait far longer than the test, only a prompt refusal lets the call through B.
+    let mut cfg = egress_cfg(
+        "orders.apps.internal:8080",
+        vec![a_addr, b_addr],
+        Transport::Quic,
+    );
+    cfg.pool.handshake_timeout = HumanDuration::from_secs(60);
+    cfg.pool.dead_after = HumanDuration::from_secs(60);
+    let egress_ctx = mesh.context("diego", &world_routes(echo, dead));
+    let (addr, egress) = start_egress(egress_ctx.clone(), cfg).await;
+    let out = within(round_trip(addr, b"via b")).await.unwrap();
+    assert_eq!(out, b"via b");
+    assert_eq!(opened(&b_ctx), 1);
+    assert!(handshake_failures_of(&a_ctx, "draining") >= 1);
+
+    // The held stream finishes; then A stops.
+    assert_eq!(
+        within(quic_echo(&mut send, &mut recv, b"done")).await,
+        b"done"
+    );
+    send.finish().unwrap();
+    let rest = within(recv.read_to_end(64)).await.unwrap();
+    assert!(rest.is_empty());
+    within(a.task).await.unwrap();
+    egress.stop().await;
+    b.stop().await;
+}
+
+fn handshake_failures_of(ctx: &isthmus_gateway::Context, reason: &'static str) -> i64 {
+    ctx.metrics
+        .handshake_failures
+        .get_or_create(&isthmus_gateway::metrics::HandshakeLabels {
+            role: "ingress",
+            reason,
+        })
+        .get() as i64
+}

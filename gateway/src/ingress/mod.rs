@@ -135,15 +135,19 @@ impl Ingress {
             &[ALPN_H2],
         );
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-        if let Some(endpoint) = self.quic.clone() {
-            tracker.spawn(quic::serve(
+        // Not in `tracker`: while the connections in it drain, the QUIC accept loop goes on
+        // refusing new ones, and stops once they are done.
+        let drained = CancellationToken::new();
+        let quic_accept = self.quic.clone().map(|endpoint| {
+            tokio::spawn(quic::serve(
                 Arc::clone(&self.shared),
                 endpoint,
                 shutdown.clone(),
+                drained.clone(),
                 force.clone(),
                 tracker.clone(),
-            ));
-        }
+            ))
+        });
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -175,6 +179,10 @@ impl Ingress {
         drop(self.tcp);
         tracker.close();
         tracker.wait().await;
+        drained.cancel();
+        if let Some(accept) = quic_accept {
+            let _ = accept.await;
+        }
         if let Some(endpoint) = self.quic {
             endpoint.wait_idle().await;
         }

@@ -41,17 +41,26 @@ pub(super) fn endpoint(
     quinn::Endpoint::server(server, addr)
 }
 
+/// Accepts QUIC connections until `shutdown`, then refuses them until `drained` (the
+/// connections in flight are done): a refused handshake fails at once, so an egress that
+/// dials this draining replica moves on, where a dropped one would wait out its handshake
+/// timeout.
 pub(super) async fn serve(
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
     shutdown: CancellationToken,
+    drained: CancellationToken,
     force: CancellationToken,
     tracker: TaskTracker,
 ) {
     loop {
         tokio::select! {
-            () = shutdown.cancelled() => break,
+            () = drained.cancelled() => break,
             incoming = endpoint.accept() => match incoming {
+                Some(incoming) if shutdown.is_cancelled() => {
+                    shared.ctx.metrics.handshake_failed("ingress", "draining");
+                    incoming.refuse();
+                }
                 Some(incoming) => {
                     let Some(handshake) = shared.handshake_slot(&incoming.remote_address()) else {
                         incoming.refuse();
