@@ -148,7 +148,8 @@ async fn connection(
                 tracker.spawn(send_goaway(conn.clone(), shared.cfg.handshake_timeout.get()));
             }
             () = streams.wait(), if draining => {
-                // Every stream ended, their bytes acknowledged (see `QuicSend::finish`).
+                // Every stream ended; a carried stream ends only once its last bytes were
+                // acknowledged (`QuicSend::finish`), so closing now cuts none of them.
                 conn.close(crate::tunnel::quic::DRAINED, b"drained");
                 break;
             }
