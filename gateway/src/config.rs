@@ -135,6 +135,12 @@ pub struct IngressConfig {
     /// Concurrent tunneled connections, all callers together; beyond it streams get 429.
     #[serde(default = "default_max_conns")]
     pub max_connections: usize,
+    /// TLS and QUIC handshakes in progress at once, both transports together. A connection
+    /// arriving beyond it is refused at once (TCP reset; QUIC refused) and counted as a
+    /// handshake failure `handshake_limit`, so a flood of slow or bogus handshakes cannot
+    /// take the CPU and memory that the tunnels in use need. Egresses retry another replica.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: usize,
     /// Largest request header block accepted, in bytes.
     #[serde(default = "default_header")]
     pub max_header_bytes: u32,
@@ -180,6 +186,9 @@ fn default_client_streams() -> u32 {
 fn default_max_conns() -> usize {
     20_000
 }
+fn default_max_handshakes() -> usize {
+    256
+}
 fn default_header() -> u32 {
     16 * 1024
 }
@@ -212,6 +221,7 @@ impl Default for IngressConfig {
             request_timeout: default_handshake(),
             max_streams_per_connection: default_server_streams(),
             max_connections: default_max_conns(),
+            max_handshakes: default_max_handshakes(),
             max_header_bytes: default_header(),
             stream_window: default_stream_window(),
             connection_window: default_conn_window(),
@@ -436,6 +446,7 @@ impl Validate for GatewayConfig {
                 ingress.max_streams_per_connection.into(),
             )?;
             check_positive("ingress.max_connections", ingress.max_connections as u64)?;
+            check_positive("ingress.max_handshakes", ingress.max_handshakes as u64)?;
             if ingress.dead_after.get() < std::time::Duration::from_millis(100) {
                 return Err(FieldError::new("ingress.dead_after", "at least 100ms"));
             }

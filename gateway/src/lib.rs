@@ -50,6 +50,40 @@ pub struct Context {
     pub tls: MeshTls,
     /// Metrics.
     pub metrics: Metrics,
+    /// Whether `routes` has been loaded since start (source or cache).
+    pub loaded: TableLoaded,
+}
+
+/// Whether the route table has been loaded, from its source or its cache, since start.
+///
+/// Until it has, an empty table means "not known yet", not "nothing is exported": the
+/// ingress answers `not_ready` (503, which the egress retries on another replica) rather
+/// than a final 404, and `/readyz` says not ready.
+#[derive(Clone, Debug)]
+pub struct TableLoaded(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl TableLoaded {
+    /// A flag that starts as `loaded`.
+    pub fn new(loaded: bool) -> Self {
+        Self(Arc::new(tokio::sync::watch::Sender::new(loaded)))
+    }
+
+    /// Marks the table loaded (for good: a later source outage serves it as stale).
+    pub fn set(&self) {
+        self.0
+            .send_if_modified(|loaded| !std::mem::replace(loaded, true));
+    }
+
+    /// Whether the table has been loaded.
+    pub fn get(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves once the table has been loaded.
+    pub async fn wait(&self) {
+        let mut rx = self.0.subscribe();
+        let _ = rx.wait_for(|loaded| *loaded).await;
+    }
 }
 
 impl Metrics {
@@ -174,10 +208,7 @@ pub(crate) async fn carry_counted<S: StreamSend, R: StreamRecv>(
     let active = metrics.active.get_or_create(&labels).clone();
     active.inc();
     let moved = Arc::new(Moved::default());
-    let result = tokio::select! {
-        r = pump(socket, first, send, recv, Arc::clone(&moved)) => r,
-        () = force.cancelled() => Err(std::io::Error::other("closed by drain deadline")),
-    };
+    let result = pump(socket, first, send, recv, Arc::clone(&moved), &force).await;
     active.dec();
     let (to_backend, from_backend) = match labels.direction {
         metrics::Direction::Egress => (&moved.into_tunnel, &moved.out_of_tunnel),

@@ -65,6 +65,17 @@ pub struct PoolLabels {
     pub transport: &'static str,
 }
 
+/// Labels of a stream attempt an ingress refused for its own state (not ready, draining,
+/// busy, no backend from there), which the pool then tried on another endpoint.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttemptLabels {
+    /// The cluster of the refusing ingress.
+    pub peer_cluster: String,
+    /// Its reason: not_ready, draining, overloaded, no_backend, backend_unreachable,
+    /// unavailable.
+    pub reason: &'static str,
+}
+
 /// Labels of a TLS handshake failure.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HandshakeLabels {
@@ -99,6 +110,9 @@ pub struct Metrics {
     pub ingress_connections: Family<PoolLabels, Gauge>,
     /// TLS/QUIC handshake failures.
     pub handshake_failures: Family<HandshakeLabels, Counter>,
+    /// Stream attempts an ingress refused for its own state (egress side); the connection
+    /// itself may still have succeeded through another endpoint.
+    pub attempts_refused: Family<AttemptLabels, Counter>,
 }
 
 impl Metrics {
@@ -160,6 +174,26 @@ impl Metrics {
             "TLS and QUIC handshake failures, by reason",
             self.handshake_failures.clone(),
         );
+        r.register(
+            "tunnel_attempts_refused",
+            "Stream attempts an ingress refused as not ready, draining, busy or without a backend; the next endpoint was tried",
+            self.attempts_refused.clone(),
+        );
+    }
+
+    /// Counts a stream attempt an ingress of `peer` refused with `reason`.
+    pub fn attempt_refused(&self, peer: &str, reason: &'static str) {
+        self.attempts_refused
+            .get_or_create(&AttemptLabels {
+                peer_cluster: peer.to_string(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// Sum of `attempts_refused` with this reason (tests and the status view).
+    pub fn attempts_refused_total(&self, reason: &str) -> u64 {
+        sum_reason(&self.attempts_refused, reason)
     }
 
     /// Counts a refusal. Reads as one line at the call site.
@@ -197,7 +231,10 @@ impl Metrics {
     }
 }
 
-fn sum_reason(family: &Family<ReasonLabels, Counter>, reason: &str) -> u64 {
+fn sum_reason<L>(family: &Family<L, Counter>, reason: &str) -> u64
+where
+    L: EncodeLabelSet + Clone + std::hash::Hash + Eq + std::fmt::Debug + Send + Sync + 'static,
+{
     // prometheus-client offers no iteration over a family; encode and sum the lines. This is
     // for tests and status output only, never on the data path.
     let mut registry = Registry::default();

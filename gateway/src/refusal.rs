@@ -35,6 +35,13 @@ pub enum Refusal {
     /// The gateway is at its connection limit.
     #[error("connection limit reached")]
     Overloaded,
+    /// (ingress) The route table is not loaded yet (route-sync not answered, no cache): a
+    /// "not exported" now could be wrong, so the caller should try another replica.
+    #[error("the route table is not loaded yet")]
+    NotReady,
+    /// (ingress) The gateway is draining: it takes no new streams; another replica should.
+    #[error("draining: no new streams")]
+    Draining,
     /// (egress) The connection matched no route: no VIP, Host or SNI that names one.
     #[error("no route for this connection: {0}")]
     NoRoute(String),
@@ -79,6 +86,7 @@ impl Refusal {
                 status::NOT_FOUND
             }
             Refusal::Overloaded => status::OVERLOADED,
+            Refusal::NotReady | Refusal::Draining => status::UNAVAILABLE,
             Refusal::NoBackend(_)
             | Refusal::BackendUnreachable { .. }
             | Refusal::PeerUnreachable { .. } => status::UNAVAILABLE,
@@ -95,6 +103,8 @@ impl Refusal {
             Refusal::NoBackend(_) => "no_backend",
             Refusal::BackendUnreachable { .. } => "backend_unreachable",
             Refusal::Overloaded => "overloaded",
+            Refusal::NotReady => "not_ready",
+            Refusal::Draining => "draining",
             Refusal::NoRoute(_) => "no_route",
             Refusal::LocalRoute(_) => "local_route",
             Refusal::NoPeer { .. } => "no_peer",

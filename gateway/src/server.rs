@@ -12,11 +12,11 @@ use isthmus_runtime::admin::{AdminServer, Health};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
-use crate::Context;
 use crate::config::GatewayConfig;
 use crate::egress::Egress;
 use crate::ingress::Ingress;
 use crate::metrics::Metrics;
+use crate::{Context, TableLoaded};
 
 /// Where the gateway's routes come from.
 enum Source {
@@ -48,25 +48,32 @@ impl Gateway {
     ///
     /// # Errors
     /// When the certificate files cannot be loaded or a socket cannot be bound. A route file
-    /// that cannot be read is not fatal: the gateway starts not ready and picks it up once
-    /// it is there.
+    /// that cannot be read is not fatal: the gateway starts not ready (its ingress refuses
+    /// streams `not_ready`) and becomes ready once the file watcher has loaded it.
     pub async fn build(cfg: &GatewayConfig) -> anyhow::Result<Self> {
         let tls_files = cfg.tls.files();
         let tls = MeshTls::load(&tls_files).context("loading the gateway's certificates")?;
         tracing::info!(id = %tls.local_id(), serial = %tls.serial(), "identity loaded");
         let routes = RouteStore::new();
         let health = Health::new();
+        let loaded = TableLoaded::new(false);
         let source = match (&cfg.routes.file, &cfg.routes.route_sync) {
             (Some(file), _) => {
                 let source = FileSource::new(file);
                 match source.apply(&routes) {
-                    Ok((applied, rejected)) => tracing::info!(
-                        routes = routes.snapshot().len(),
-                        revision = applied.revision,
-                        rejected = rejected.len(),
-                        "routes loaded"
-                    ),
-                    Err(e) => tracing::error!("{e}"),
+                    Ok((applied, rejected)) => {
+                        tracing::info!(
+                            routes = routes.snapshot().len(),
+                            revision = applied.revision,
+                            rejected = rejected.len(),
+                            "routes loaded"
+                        );
+                        loaded.set();
+                    }
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        health.set_not_ready(format!("route file not loaded: {e}"));
+                    }
                 }
                 Source::File(source)
             }
@@ -88,6 +95,7 @@ impl Gateway {
             routes,
             tls,
             metrics,
+            loaded,
         };
         let admin = AdminServer::bind(cfg.admin.listen, Arc::new(registry), health.clone())
             .await
@@ -123,7 +131,8 @@ impl Gateway {
     }
 
     /// Serves until `shutdown`, then drains for at most the configured drain timeout and
-    /// force-closes what is left.
+    /// force-closes what is left. `/readyz` turns ready once the route table is loaded (the
+    /// file, route-sync, or a cache holding routes) and not ready again at `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
         let force = CancellationToken::new();
         let background = CancellationToken::new();
@@ -131,16 +140,38 @@ impl Gateway {
             .ctx
             .tls
             .watch(self.tls_files, self.tls_poll, background.clone());
+        let loaded = self.ctx.loaded.clone();
         match self.source {
             Source::File(file) => {
+                if !loaded.get() {
+                    // The file could not be read at start: loaded once the watcher applies it.
+                    let mut watch = self.ctx.routes.subscribe();
+                    let (loaded, stop) = (loaded.clone(), background.clone());
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            () = stop.cancelled() => {}
+                            _ = watch.changed() => loaded.set(),
+                        }
+                    });
+                }
                 let _routes = file.watch(self.ctx.routes.clone(), self.poll, background.clone());
             }
             Source::RouteSync(rs) => {
+                if !loaded.get() {
+                    self.health.set_not_ready("waiting for route-sync");
+                }
                 let (state, _task) = rs.spawn(self.ctx.routes.clone(), background.clone());
-                // Health says "stale" while the table is last-known-good.
-                let health = self.health.clone();
-                let _report =
-                    state.report(background.clone(), move |stale| health.set_stale(stale));
+                // Health says "stale" while the table is last-known-good. The table counts as
+                // loaded once route-sync answered, or the cache gave routes to serve (an
+                // empty cache proves nothing: it may predate every export).
+                let (health, routes, loaded) =
+                    (self.health.clone(), self.ctx.routes.clone(), loaded.clone());
+                let _report = state.report(background.clone(), move |stale| {
+                    health.set_stale(stale);
+                    if !stale || !routes.snapshot().is_empty() {
+                        loaded.set();
+                    }
+                });
             }
         }
         let admin = tokio::spawn(self.admin.serve(background.clone()));
@@ -152,7 +183,12 @@ impl Gateway {
         if let Some(egress) = self.egress {
             roles.spawn(egress.run(shutdown.clone(), force.clone()));
         }
-        self.health.set_ready();
+        // Ready only once the table is loaded: before that the ingress refuses every stream
+        // `not_ready` and the egress knows no route, so a load balancer should send nothing.
+        tokio::select! {
+            () = loaded.wait() => self.health.set_ready(),
+            () = shutdown.cancelled() => {}
+        }
         shutdown.cancelled().await;
         self.health.set_not_ready("draining");
         tracing::info!(deadline = ?self.drain, "draining");

@@ -238,3 +238,50 @@ async fn egress_refuses_an_ingress_that_is_not_the_home_cluster() {
     egress.stop().await;
     ingress.stop().await;
 }
+
+fn handshake_failures(ctx: &isthmus_gateway::Context, reason: &'static str) -> i64 {
+    ctx.metrics
+        .handshake_failures
+        .get_or_create(&isthmus_gateway::metrics::HandshakeLabels {
+            role: "ingress",
+            reason,
+        })
+        .get() as i64
+}
+
+#[tokio::test]
+async fn handshakes_beyond_the_cap_are_refused_and_counted() {
+    let (echo, _) = echo_backend("").await;
+    let mesh = Mesh::new();
+    let ctx = mesh.context("k8s", &world_routes(echo, dead_port().await));
+    let mut cfg = ingress_cfg();
+    cfg.max_handshakes = 2;
+    cfg.handshake_timeout = isthmus_runtime::config::HumanDuration::from_secs(60);
+    let (addr, ingress) = start_ingress(ctx.clone(), cfg).await;
+    let caller = mesh.tls("diego", "gateway");
+
+    // Two connections that never say hello hold both handshake slots.
+    let stallers = [
+        within(tokio::net::TcpStream::connect(addr)).await.unwrap(),
+        within(tokio::net::TcpStream::connect(addr)).await.unwrap(),
+    ];
+    // A real caller is refused on either transport, and each refusal is counted.
+    assert!(within(RawH2::connect(addr, &caller, "k8s")).await.is_err());
+    assert!(
+        within(RawQuic::connect(addr, &caller, "k8s"))
+            .await
+            .is_err()
+    );
+    eventually(|| handshake_failures(&ctx, "handshake_limit") >= 2).await;
+
+    // Once the slow ones go, callers get in again.
+    drop(stallers);
+    eventually(|| handshake_failures(&ctx, "eof") >= 2).await;
+    let mut client = within(RawH2::connect(addr, &caller, "k8s")).await.unwrap();
+    let (status, mut send, mut recv) =
+        within(client.request(Method::CONNECT, "orders.apps.internal:8080")).await;
+    assert_eq!(status, 200);
+    assert_eq!(within(h2_echo(&mut send, &mut recv, b"in")).await, b"in");
+    assert!(within(RawQuic::connect(addr, &caller, "k8s")).await.is_ok());
+    ingress.stop().await;
+}

@@ -104,6 +104,11 @@ struct Conn {
     kind: ConnKind,
     streams: AtomicU32,
     closed: Arc<AtomicBool>,
+    /// The ingress is draining it (QUIC GOAWAY, or a `draining` refusal): no new stream
+    /// here; those in flight run on until they end.
+    draining: Arc<AtomicBool>,
+    /// Whether the pool has noted the drain (endpoint put behind the others), once.
+    drain_noted: AtomicBool,
     /// Closed by the pool itself (idle), not by the peer or the network.
     reaped: AtomicBool,
     idle_since: Mutex<Instant>,
@@ -145,8 +150,9 @@ impl Drop for StreamGuard {
 enum Attempt {
     /// The ingress answered with a final refusal: do not try elsewhere.
     Refused(u16),
-    /// The endpoint or connection failed, or answered 503/429: try the next endpoint.
-    Retry(String, Option<u16>),
+    /// The endpoint or connection failed (no status), or the ingress answered 503/429 (with
+    /// its status and `isthmus-reason`): try the next endpoint.
+    Retry(String, Option<(u16, &'static str)>),
 }
 
 impl Pool {
@@ -179,12 +185,15 @@ impl Pool {
                     QuicClientConfig::try_from(ctx.tls.client_config(policy, &[ALPN_QUIC]))
                         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
                 let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-                client.transport_config(Arc::new(crate::quic_transport(
+                let mut transport = crate::quic_transport(
                     cfg.max_streams_per_connection,
                     cfg.stream_window,
                     cfg.connection_window,
                     crate::Liveness::after(cfg.dead_after.get()),
-                )));
+                );
+                // One unidirectional stream for the ingress's GOAWAY (its drain signal).
+                transport.max_concurrent_uni_streams(1u32.into());
+                client.transport_config(Arc::new(transport));
                 Some(client)
             } else {
                 None
@@ -267,14 +276,24 @@ impl Pool {
                         status,
                     });
                 }
-                Err(Attempt::Retry(error, status)) => {
-                    if status.is_none() {
+                Err(Attempt::Retry(error, refused)) => {
+                    match refused {
+                        Some((_, reason)) => {
+                            // Not ready, draining, busy: that replica said so, another may
+                            // carry the call. Counted per attempt, the call may still succeed.
+                            self.ctx
+                                .metrics
+                                .attempt_refused(peer.cluster.as_str(), reason);
+                            if matches!(reason, "not_ready" | "draining") {
+                                endpoint.mark_down();
+                            }
+                        }
                         // Broken, not busy: prefer the other endpoints for a while.
-                        endpoint.mark_down();
+                        None => endpoint.mark_down(),
                     }
                     tracing::debug!(endpoint = %endpoint.addr, route = %route.key, "{error}");
                     last_error = format!("{}: {error}", endpoint.addr);
-                    last_status = status;
+                    last_status = refused.map(|(status, _)| status);
                 }
             }
         }
@@ -331,7 +350,15 @@ impl Pool {
                     .map_err(|_| Attempt::Retry("ingress did not answer in time".into(), None))?
                     .map_err(|e| Attempt::Retry(format!("stream failed: {e}"), None))?;
                 let status = response.status().as_u16();
-                check_status(status)?;
+                let reason = response
+                    .headers()
+                    .get(REASON_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                if reason == "draining" {
+                    conn.draining.store(true, Ordering::Release);
+                }
+                check_status(status, reason)?;
                 Ok(Opened {
                     stream: OpenedStream::H2(H2Send(send), H2Recv(response.into_body())),
                     leftover: Bytes::new(),
@@ -357,10 +384,17 @@ impl Pool {
                 send.write_all(&bytes)
                     .await
                     .map_err(|e| Attempt::Retry(format!("stream failed: {e}"), None))?;
-                let (status, leftover) = timeout(response_timeout, read_response(&mut recv))
-                    .await
-                    .map_err(|_| Attempt::Retry("ingress did not answer in time".into(), None))??;
-                check_status(status)?;
+                let (status, reason, leftover) =
+                    timeout(response_timeout, read_response(&mut recv))
+                        .await
+                        .map_err(|_| {
+                            Attempt::Retry("ingress did not answer in time".into(), None)
+                        })??;
+                if reason == "draining" {
+                    // The GOAWAY may still be on its way: learn the drain from the refusal.
+                    conn.draining.store(true, Ordering::Release);
+                }
+                check_status(status, &reason)?;
                 Ok(Opened {
                     stream: OpenedStream::Quic(QuicSend(send), QuicRecv(recv)),
                     leftover,
@@ -375,6 +409,11 @@ impl Pool {
     async fn checkout(&self, peer: &Peer, endpoint: &Arc<Endpoint>) -> Result<Arc<Conn>, String> {
         if let Some(conn) = self.take_slot(endpoint) {
             return Ok(conn);
+        }
+        if draining(endpoint) {
+            // Its replica is going away (GOAWAY): a new connection there would be refused
+            // or dropped, so carry this stream through another endpoint.
+            return Err("the endpoint is draining".into());
         }
         let failures = endpoint.failures.load(Ordering::Acquire);
         let _dialling = endpoint.dial.lock().await;
@@ -402,12 +441,16 @@ impl Pool {
                 // It died under us (peer gone, reset, drained): other endpoints first.
                 endpoint.mark_down();
             }
+            if c.draining.load(Ordering::Acquire) && !c.drain_noted.swap(true, Ordering::AcqRel) {
+                // Its replica is going away: other endpoints first.
+                endpoint.mark_down();
+            }
             !closed
         });
         // Fill the busiest connection that has room: keeps the number of connections low
-        // and lets idle ones age out.
+        // and lets idle ones age out. A draining one takes no new stream.
         let mut best: Option<&Arc<Conn>> = None;
-        for c in conns.iter() {
+        for c in conns.iter().filter(|c| !c.draining.load(Ordering::Acquire)) {
             let n = c.streams.load(Ordering::Acquire);
             if n < max && best.is_none_or(|b| b.streams.load(Ordering::Acquire) < n) {
                 best = Some(c);
@@ -515,6 +558,9 @@ impl Pool {
             kind: ConnKind::H2(send_request),
             streams: AtomicU32::new(0),
             closed,
+            // h2 has GOAWAY: a stream opened after it fails `ready()` and is retried elsewhere.
+            draining: Arc::new(AtomicBool::new(false)),
+            drain_noted: AtomicBool::new(false),
             reaped: AtomicBool::new(false),
             idle_since: Mutex::new(Instant::now()),
             stream_gauge: metrics.pool_streams.get_or_create(&labels).clone(),
@@ -547,11 +593,21 @@ impl Pool {
         let gauge = metrics.pool_connections.get_or_create(&labels).clone();
         gauge.inc();
         let closed = Arc::new(AtomicBool::new(false));
+        let draining = Arc::new(AtomicBool::new(false));
         let done = Arc::clone(&closed);
         let watched = connection.clone();
+        let (goaway, addr) = (Arc::clone(&draining), endpoint.addr);
         tokio::spawn(async move {
-            let reason = watched.closed().await;
-            tracing::debug!("QUIC tunnel connection ended: {reason}");
+            tokio::select! {
+                reason = watched.closed() => {
+                    tracing::debug!("QUIC tunnel connection ended: {reason}");
+                }
+                () = watch_goaway(&watched, &goaway) => {
+                    tracing::debug!(endpoint = %addr, "ingress is draining this QUIC connection");
+                    let reason = watched.closed().await;
+                    tracing::debug!("QUIC tunnel connection ended: {reason}");
+                }
+            }
             done.store(true, Ordering::Release);
             gauge.dec();
         });
@@ -559,6 +615,8 @@ impl Pool {
             kind: ConnKind::Quic(connection),
             streams: AtomicU32::new(0),
             closed,
+            draining,
+            drain_noted: AtomicBool::new(false),
             reaped: AtomicBool::new(false),
             idle_since: Mutex::new(Instant::now()),
             stream_gauge: metrics.pool_streams.get_or_create(&labels).clone(),
@@ -606,23 +664,61 @@ impl Pool {
     }
 }
 
-fn check_status(status: u16) -> Result<(), Attempt> {
+/// The h2 response header naming why an ingress refused (QUIC: the reason phrase).
+const REASON_HEADER: &str = "isthmus-reason";
+
+/// Whether a stream the ingress answered is open, final, or worth another endpoint. 503
+/// (not ready, draining, no backend reachable from that replica) and 429 are that
+/// replica's state; 400, 401 and 404 come from a loaded table and stay final.
+fn check_status(status: u16, reason: &str) -> Result<(), Attempt> {
     match status {
         status::OK => Ok(()),
         status::UNAVAILABLE | status::OVERLOADED => Err(Attempt::Retry(
-            format!("ingress answered {status}"),
-            Some(status),
+            format!("ingress answered {status} ({})", reason.escape_debug()),
+            Some((status, remote_reason(status, reason))),
         )),
         other => Err(Attempt::Refused(other)),
     }
 }
 
-async fn read_response(recv: &mut quinn::RecvStream) -> Result<(u16, Bytes), Attempt> {
+/// A retryable refusal's reason as a fixed metric label, never the peer's text.
+fn remote_reason(status: u16, reason: &str) -> &'static str {
+    match reason {
+        "not_ready" => "not_ready",
+        "draining" => "draining",
+        "overloaded" => "overloaded",
+        "no_backend" => "no_backend",
+        "backend_unreachable" => "backend_unreachable",
+        _ if status == status::OVERLOADED => "overloaded",
+        _ => "unavailable",
+    }
+}
+
+/// Resolves when the ingress announces its drain on a unidirectional stream
+/// ([`crate::tunnel::quic::GOAWAY`]), after marking `draining`; never if it does not.
+async fn watch_goaway(conn: &quinn::Connection, draining: &AtomicBool) {
+    loop {
+        let Ok(mut recv) = conn.accept_uni().await else {
+            return std::future::pending().await;
+        };
+        let goaway = crate::tunnel::quic::GOAWAY;
+        let read = timeout(Duration::from_secs(1), recv.read_to_end(goaway.len())).await;
+        match read {
+            Ok(Ok(message)) if message == goaway => {
+                draining.store(true, Ordering::Release);
+                return;
+            }
+            _ => tracing::debug!("ignoring an unknown control stream from an ingress"),
+        }
+    }
+}
+
+async fn read_response(recv: &mut quinn::RecvStream) -> Result<(u16, String, Bytes), Attempt> {
     let mut buf = BytesMut::new();
     loop {
         match frame::parse_response(&buf) {
             Ok(Parsed::Complete { head, consumed }) => {
-                return Ok((head.status, buf.split_off(consumed).freeze()));
+                return Ok((head.status, head.reason, buf.split_off(consumed).freeze()));
             }
             Ok(Parsed::NeedMore) => {}
             Err(e) => return Err(Attempt::Retry(format!("bad response head: {e}"), None)),
@@ -641,8 +737,29 @@ async fn read_response(recv: &mut quinn::RecvStream) -> Result<(u16, Bytes), Att
     }
 }
 
+/// Whether a live connection to `endpoint` is draining.
+fn draining(endpoint: &Endpoint) -> bool {
+    lock(&endpoint.conns)
+        .iter()
+        .any(|c| c.draining.load(Ordering::Acquire) && !c.is_closed())
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Drop for Opened {
+    /// A stream dropped without being pumped (the app went away first) is reset, so the
+    /// ingress and the backend see a failure: a QUIC send stream dropped as it is would
+    /// finish cleanly, and the backend would read a clean end.
+    fn drop(&mut self) {
+        use crate::tunnel::StreamSend as _;
+        match std::mem::replace(&mut self.stream, OpenedStream::Closed) {
+            OpenedStream::H2(mut send, _) => send.reset(),
+            OpenedStream::Quic(mut send, _) => send.reset(),
+            OpenedStream::Closed => {}
+        }
+    }
 }
 
 impl Opened {
@@ -656,5 +773,34 @@ impl Opened {
             self.leftover = Bytes::new();
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replicas_own_state_is_retried_and_an_answer_from_the_table_is_final() {
+        for (status, reason, label) in [
+            (503, "not_ready", "not_ready"),
+            (503, "draining", "draining"),
+            (503, "backend_unreachable", "backend_unreachable"),
+            (503, "", "unavailable"),
+            (429, "", "overloaded"),
+            (503, "caller text\r\n", "unavailable"),
+        ] {
+            match check_status(status, reason) {
+                Err(Attempt::Retry(_, Some((s, r)))) => assert_eq!((s, r), (status, label)),
+                _ => panic!("{status} {reason:?} should be retried"),
+            }
+        }
+        for status in [400, 401, 404, 418] {
+            assert!(matches!(
+                check_status(status, "not_ready"),
+                Err(Attempt::Refused(s)) if s == status
+            ));
+        }
+        assert!(check_status(200, "").is_ok());
     }
 }

@@ -44,7 +44,12 @@ pub(crate) struct Shared {
     pub(crate) ctx: Context,
     pub(crate) cfg: IngressConfig,
     limit: Arc<Semaphore>,
+    /// Handshakes in progress, both transports (`max_handshakes`).
+    handshakes: Arc<Semaphore>,
     next_backend: AtomicUsize,
+    /// The shutdown token of [`Ingress::run`]: once it fired, streams that still arrive
+    /// are refused `draining` (503), so the egress carries them through another replica.
+    shutdown: std::sync::OnceLock<CancellationToken>,
 }
 
 /// What an admitted stream gets: the backend it is connected to, and its share of the limit.
@@ -89,6 +94,7 @@ impl Ingress {
         quic: Option<quinn::Endpoint>,
     ) -> Self {
         let limit = Arc::new(Semaphore::new(cfg.max_connections));
+        let handshakes = Arc::new(Semaphore::new(cfg.max_handshakes));
         Self {
             tcp,
             quic,
@@ -96,7 +102,9 @@ impl Ingress {
                 ctx,
                 cfg,
                 limit,
+                handshakes,
                 next_backend: AtomicUsize::new(0),
+                shutdown: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -115,32 +123,44 @@ impl Ingress {
     }
 
     /// Serves until `shutdown`, then drains: stops accepting, tells every tunnel connection
-    /// to open no new stream (GOAWAY; QUIC stream credit withdrawn), and returns once the
-    /// streams in flight finished. `force` aborts those streams (the drain deadline).
+    /// to open no new stream (h2 GOAWAY; on QUIC the [`GOAWAY`](crate::tunnel::quic::GOAWAY)
+    /// control stream), answers streams that still arrive `draining` (503), closes each
+    /// connection once its streams finished, and returns when all have. `force` aborts the
+    /// streams left (the drain deadline).
     pub async fn run(self, shutdown: CancellationToken, force: CancellationToken) {
+        let _ = self.shared.shutdown.set(shutdown.clone());
         let tracker = TaskTracker::new();
         let tls = self.shared.ctx.tls.server_config(
             PeerPolicy::trust_domain(&self.shared.ctx.trust_domain),
             &[ALPN_H2],
         );
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-        if let Some(endpoint) = self.quic.clone() {
-            tracker.spawn(quic::serve(
+        // Not in `tracker`: while the connections in it drain, the QUIC accept loop goes on
+        // refusing new ones, and stops once they are done.
+        let drained = CancellationToken::new();
+        let quic_accept = self.quic.clone().map(|endpoint| {
+            tokio::spawn(quic::serve(
                 Arc::clone(&self.shared),
                 endpoint,
                 shutdown.clone(),
+                drained.clone(),
                 force.clone(),
                 tracker.clone(),
-            ));
-        }
+            ))
+        });
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 accepted = self.tcp.accept() => match accepted {
                     Ok((socket, peer)) => {
+                        let Some(handshake) = self.shared.handshake_slot(&peer) else {
+                            let _ = socket.set_zero_linger();
+                            continue;
+                        };
                         tracker.spawn(serve_tcp(
                             Arc::clone(&self.shared),
                             acceptor.clone(),
+                            handshake,
                             socket,
                             peer,
                             shutdown.clone(),
@@ -159,8 +179,29 @@ impl Ingress {
         drop(self.tcp);
         tracker.close();
         tracker.wait().await;
+        drained.cancel();
+        if let Some(accept) = quic_accept {
+            let _ = accept.await;
+        }
         if let Some(endpoint) = self.quic {
             endpoint.wait_idle().await;
+        }
+    }
+}
+
+impl Shared {
+    /// A share of `max_handshakes` for a connection from `peer`, or `None` (counted, logged)
+    /// when all are taken.
+    pub(crate) fn handshake_slot(&self, peer: &SocketAddr) -> Option<OwnedSemaphorePermit> {
+        match Arc::clone(&self.handshakes).try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                self.ctx
+                    .metrics
+                    .handshake_failed("ingress", "handshake_limit");
+                tracing::warn!(%peer, limit = self.cfg.max_handshakes, "too many handshakes in progress; connection refused");
+                None
+            }
         }
     }
 }
@@ -169,6 +210,7 @@ impl Ingress {
 async fn serve_tcp(
     shared: Arc<Shared>,
     acceptor: tokio_rustls::TlsAcceptor,
+    handshake: OwnedSemaphorePermit,
     socket: TcpStream,
     peer: SocketAddr,
     shutdown: CancellationToken,
@@ -226,6 +268,7 @@ async fn serve_tcp(
             return;
         }
     };
+    drop(handshake);
     let gauge = metrics
         .ingress_connections
         .get_or_create(&PoolLabels {
@@ -347,6 +390,7 @@ async fn h2_stream(
         Ok(send) => send,
         Err(e) => {
             fail(&shared, &admitted.labels, "caller_gone", &e.to_string());
+            admitted.abort();
             return;
         }
     };
@@ -384,6 +428,18 @@ pub(crate) async fn admit(
     let caller_cluster = caller.cluster().unwrap_or("unknown");
     let table = ctx.routes.snapshot();
     let result: Result<_, Refusal> = async {
+        // Both before the route is looked up: a draining or not-yet-loaded replica must not
+        // give a final answer (404) that another replica would not give.
+        if shared
+            .shutdown
+            .get()
+            .is_some_and(CancellationToken::is_cancelled)
+        {
+            return Err(Refusal::Draining);
+        }
+        if !ctx.loaded.get() {
+            return Err(Refusal::NotReady);
+        }
         let route =
             authorize::authorize(&table, &ctx.cluster, &ctx.trust_domain, authority, caller)?;
         let permit = Arc::clone(&shared.limit)
@@ -422,6 +478,14 @@ pub(crate) async fn admit(
             );
             Err(refusal)
         }
+    }
+}
+
+impl Admitted {
+    /// Gives up on the stream before any byte was carried: the backend sees a reset, not a
+    /// connection that was opened and cleanly closed.
+    pub(crate) fn abort(self) {
+        let _ = self.backend.set_zero_linger();
     }
 }
 

@@ -41,20 +41,34 @@ pub(super) fn endpoint(
     quinn::Endpoint::server(server, addr)
 }
 
+/// Accepts QUIC connections until `shutdown`, then refuses them until `drained` (the
+/// connections in flight are done): a refused handshake fails at once, so an egress that
+/// dials this draining replica moves on, where a dropped one would wait out its handshake
+/// timeout.
 pub(super) async fn serve(
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
     shutdown: CancellationToken,
+    drained: CancellationToken,
     force: CancellationToken,
     tracker: TaskTracker,
 ) {
     loop {
         tokio::select! {
-            () = shutdown.cancelled() => break,
+            () = drained.cancelled() => break,
             incoming = endpoint.accept() => match incoming {
+                Some(incoming) if shutdown.is_cancelled() => {
+                    shared.ctx.metrics.handshake_failed("ingress", "draining");
+                    incoming.refuse();
+                }
                 Some(incoming) => {
+                    let Some(handshake) = shared.handshake_slot(&incoming.remote_address()) else {
+                        incoming.refuse();
+                        continue;
+                    };
                     tracker.spawn(connection(
                         Arc::clone(&shared),
+                        handshake,
                         incoming,
                         shutdown.clone(),
                         force.clone(),
@@ -71,6 +85,7 @@ pub(super) async fn serve(
 
 async fn connection(
     shared: Arc<Shared>,
+    handshake: tokio::sync::OwnedSemaphorePermit,
     incoming: quinn::Incoming,
     shutdown: CancellationToken,
     force: CancellationToken,
@@ -92,6 +107,7 @@ async fn connection(
             return;
         }
     };
+    drop(handshake);
     let Some(caller) = crate::quic_peer_id(&conn) else {
         metrics.handshake_failed("ingress", "no_spiffe_id");
         conn.close(quinn::VarInt::from_u32(1), b"no SPIFFE ID");
@@ -105,26 +121,37 @@ async fn connection(
         })
         .clone();
     gauge.inc();
+    // This connection's streams, so a drain knows when the last one ended.
+    let streams = TaskTracker::new();
     let mut draining = false;
     loop {
         tokio::select! {
             stream = conn.accept_bi() => match stream {
                 Ok((send, recv)) => {
-                    tracker.spawn(stream_task(
+                    // While draining, streams that raced the GOAWAY are answered `draining`
+                    // (503) in `admit`, and the egress carries them elsewhere.
+                    tracker.spawn(streams.track_future(stream_task(
                         Arc::clone(&shared),
                         caller.clone(),
                         send,
                         recv,
                         force.clone(),
-                    ));
+                    )));
                 }
                 Err(_) => break,
             },
             () = shutdown.cancelled(), if !draining => {
-                // QUIC has no GOAWAY: withdraw stream credit so the peer opens no new stream
-                // here, and let the ones in flight finish.
+                // Stream credit is left as it is: an egress that has credit would open a
+                // stream anyway, and one without would wait for credit instead of moving on.
                 draining = true;
-                conn.set_max_concurrent_bi_streams(0u32.into());
+                streams.close();
+                tracker.spawn(send_goaway(conn.clone(), shared.cfg.handshake_timeout.get()));
+            }
+            () = streams.wait(), if draining => {
+                // Every stream ended; a carried stream ends only once its last bytes were
+                // acknowledged (`QuicSend::finish`), so closing now cuts none of them.
+                conn.close(crate::tunnel::quic::DRAINED, b"drained");
+                break;
             }
             () = force.cancelled() => {
                 conn.close(quinn::VarInt::from_u32(0), b"draining");
@@ -133,6 +160,23 @@ async fn connection(
         }
     }
     gauge.dec();
+}
+
+/// Tells the egress to open no new stream here ([`crate::tunnel::quic::GOAWAY`]).
+async fn send_goaway(conn: quinn::Connection, within: std::time::Duration) {
+    let sent = timeout(within, async {
+        let mut control = conn.open_uni().await?;
+        control.write_all(crate::tunnel::quic::GOAWAY).await?;
+        control.finish()?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+    })
+    .await;
+    match sent {
+        Ok(Ok(())) => {}
+        // An egress that takes no control stream still learns from the `draining` refusals.
+        Ok(Err(e)) => tracing::debug!("could not send GOAWAY: {e}"),
+        Err(_) => tracing::debug!("GOAWAY not sent in time"),
+    }
 }
 
 async fn stream_task(
@@ -178,10 +222,12 @@ async fn stream_task(
     };
     let Ok(bytes) = ok.encode() else { return };
     if send.write_all(&bytes).await.is_err() {
+        admitted.abort();
         return;
     }
     if !leftover.is_empty() && admitted.backend.write_all(&leftover).await.is_err() {
         send.reset(crate::tunnel::quic::CANCELLED).ok();
+        admitted.abort();
         return;
     }
     carry(

@@ -43,7 +43,8 @@ impl StreamSend for H2Send {
         Ok(())
     }
 
-    fn finish(&mut self) -> io::Result<()> {
+    async fn finish(&mut self) -> io::Result<()> {
+        // h2 delivers what it queued before closing the connection gracefully (GOAWAY).
         self.0.send_data(Bytes::new(), true).map_err(to_io)
     }
 

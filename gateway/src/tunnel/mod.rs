@@ -20,8 +20,10 @@ pub trait StreamSend: Send {
     /// Sends one chunk, waiting for flow-control credit (this is where backpressure from the
     /// far side reaches the near socket).
     fn send(&mut self, data: Bytes) -> impl Future<Output = io::Result<()>> + Send;
-    /// Half-closes: the far side reads end-of-stream, and may still send.
-    fn finish(&mut self) -> io::Result<()>;
+    /// Half-closes: the far side reads end-of-stream, and may still send. Resolves once the
+    /// far side has everything sent (QUIC: acknowledged), so that closing the tunnel
+    /// connection after the stream ended cannot cut its last bytes.
+    fn finish(&mut self) -> impl Future<Output = io::Result<()>> + Send;
     /// Aborts the stream in both directions (the far side sees a reset, not a clean end).
     fn reset(&mut self);
 }
@@ -44,6 +46,8 @@ pub mod status {
     pub const NOT_FOUND: u16 = 404;
     /// The gateway is at its connection limit.
     pub const OVERLOADED: u16 = 429;
-    /// No backend of the route could be reached.
+    /// No backend of the route could be reached, or the ingress is not ready (its route
+    /// table is not loaded yet) or draining; `isthmus-reason` says which. The egress tries
+    /// another endpoint of the cluster.
     pub const UNAVAILABLE: u16 = 503;
 }

@@ -59,6 +59,7 @@ impl Mesh {
             routes: routes.clone(),
             tls: self.tls(cluster, "gateway"),
             metrics: Metrics::default(),
+            loaded: isthmus_gateway::TableLoaded::new(true),
         }
     }
 }
