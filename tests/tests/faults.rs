@@ -190,3 +190,70 @@ fn certificates_rotate_under_load_without_a_failed_call() {
         world.shutdown().await;
     });
 }
+
+/// Each k8s ingress replica in turn is stopped (SIGTERM, drain), loses its route cache, and
+/// comes back while k8s's route-sync is down, so it cannot load a table: it answers tunnels
+/// with a "not ready" refusal, and diego's egress must take the other replica. Calls begun
+/// at any moment, the drain and the empty replica's whole life included, all succeed.
+fn restart_ingress_replicas_without_a_cache(transport: Transport, base: u8) {
+    let _one = serial();
+    runtime().block_on(async {
+        let (mut world, _dir) = start(base, transport, false).await;
+        scenario::seed(&mut world, &Pace::quick()).await.unwrap();
+        let recorder = Recorder::new();
+        let running = load(&world, &recorder);
+        calls(&recorder, 0, 20).await;
+        for (step, i) in [(1, 0u8), (2, 1u8)] {
+            recorder.set_step(step);
+            let name = format!("k8s/ingress-{i}");
+            world.proc("k8s/route-sync").kill();
+            let cache = world.cache_of(&name);
+            let proc = world.proc(&name);
+            tokio::task::block_in_place(|| proc.terminate());
+            std::fs::remove_file(&cache)
+                .unwrap_or_else(|e| panic!("{name} kept no cache at {}: {e}", cache.display()));
+            world.proc(&name).start().unwrap();
+            // Past the egress' 2 s back-off for the endpoint that went away, so it is tried
+            // again while it has no table.
+            let back = Instant::now();
+            calls(&recorder, step, 40).await;
+            tokio::time::sleep_until((back + Duration::from_millis(2500)).into()).await;
+            let before = recorder.counts(step);
+            calls(
+                &recorder,
+                step,
+                before.iter().copied().max().unwrap_or(0) + 20,
+            )
+            .await;
+            assert!(
+                world
+                    .wait_ready(&name, Duration::from_millis(300))
+                    .await
+                    .is_err(),
+                "{name} says it is ready without a route table"
+            );
+            world.proc("k8s/route-sync").start().unwrap();
+            world.wait_ready("k8s/route-sync", LIMIT).await.unwrap();
+            world.wait_ready(&name, LIMIT).await.unwrap();
+        }
+        recorder.set_step(3);
+        calls(&recorder, 3, 20).await;
+        running.stop().await;
+        eprintln!("{}", scenario::table(&recorder.summary()));
+        for step in 0..=3 {
+            let (failed, table) = failures_in(&recorder, step);
+            assert_eq!(failed, 0, "calls failed while replicas restarted:\n{table}");
+        }
+        world.shutdown().await;
+    });
+}
+
+#[test]
+fn ingress_replicas_restarted_in_turn_without_a_cache_over_tcp() {
+    restart_ingress_replicas_without_a_cache(Transport::Tcp, 150);
+}
+
+#[test]
+fn ingress_replicas_restarted_in_turn_without_a_cache_over_quic() {
+    restart_ingress_replicas_without_a_cache(Transport::Quic, 170);
+}
