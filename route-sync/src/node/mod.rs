@@ -137,7 +137,7 @@ pub struct PeerState {
     pub trust_anchors: Vec<String>,
     /// Snapshots received (a resume needs none).
     pub snapshots: u64,
-    /// Deltas received.
+    /// Deltas received with routes or removals (staleness-only updates are not counted).
     pub deltas: u64,
     /// Whether the peer has been reached since start.
     pub ever_connected: bool,
