@@ -269,3 +269,56 @@ impl Validate for RouteSyncConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "cluster: k8s
+trust_domain: mesh.local
+tls: {cert: c.pem, key: k.pem, bundle: ca.pem}
+source: {file: routes.yaml}
+";
+
+    fn parse(extra: &str) -> RouteSyncConfig {
+        serde_norway::from_str(&format!("{BASE}{extra}")).unwrap()
+    }
+
+    #[test]
+    fn defaults_without_the_optional_sections() {
+        let cfg = parse("");
+        assert!(cfg.vips.is_none(), "no section, no VIPs");
+        assert_eq!(
+            cfg.limits.max_batch_chunks,
+            crate::node::PeerLimits::default().max_batch_chunks
+        );
+        assert_eq!(cfg.keepalive.interval.get().as_secs(), 10);
+        assert_eq!(cfg.keepalive.timeout.get().as_secs(), 5);
+        cfg.validate().unwrap();
+        let cfg = parse("vips: {range: 100.64.0.0/16}\n");
+        assert_eq!(cfg.vips.unwrap().hold.get().as_secs(), 3600);
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        for (extra, field) in [
+            ("vips: {range: 100.64.1.0/16}\n", "vips.range"),
+            ("vips: {range: orders}\n", "vips.range"),
+            ("vips: {range: 10.0.0.1/32}\n", "vips.range"),
+            ("limits: {max_batch_chunks: 0}\n", "limits.max_batch_chunks"),
+            ("limits: {max_batch_routes: 0}\n", "limits.max_batch_routes"),
+            (
+                "limits: {max_routes_per_peer: 0}\n",
+                "limits.max_routes_per_peer",
+            ),
+            ("keepalive: {interval: 0s}\n", "keepalive.interval"),
+            ("keepalive: {timeout: 0s}\n", "keepalive.timeout"),
+        ] {
+            let err = parse(extra).validate().unwrap_err();
+            assert_eq!(err.field, field, "{extra}");
+        }
+        let unknown: Result<RouteSyncConfig, _> =
+            serde_norway::from_str(&format!("{BASE}vips: {{range: 100.64.0.0/16, hld: 1h}}\n"));
+        assert!(unknown.unwrap_err().to_string().contains("hld"));
+    }
+}

@@ -368,7 +368,7 @@ async fn strangers_get_nothing() {
     )
     .await
     .expect("the node answered");
-    let refusal = watch.err().expect("Watch refused");
+    let refusal = watch.expect_err("Watch refused");
     assert_eq!(refusal.code(), tonic::Code::PermissionDenied, "{refusal:?}");
     assert!(
         refusal.message().contains("billing"),

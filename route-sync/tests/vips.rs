@@ -162,7 +162,7 @@ impl Rng {
 fn routes_of(name: &str, home: &str, i: usize) -> Vec<Route> {
     // Every fifth name has a second port: both carry the name's one VIP.
     let mut routes = vec![route(name, 8080, home)];
-    if i % 5 == 0 {
+    if i.is_multiple_of(5) {
         routes.push(route(name, 9090, home));
     }
     routes
@@ -277,7 +277,7 @@ async fn names_keep_one_unshared_vip_through_churn_moves_and_a_restart() {
         .iter()
         .enumerate()
         .filter(|(_, h)| **h != Home::Absent)
-        .map(|(i, _)| if i % 5 == 0 { 2 } else { 1 })
+        .map(|(i, _)| if i.is_multiple_of(5) { 2 } else { 1 })
         .sum();
     let ok = |t: &RouteTable| {
         t.len() == expected

@@ -137,7 +137,7 @@ pub struct PeerState {
     pub trust_anchors: Vec<String>,
     /// Snapshots received (a resume needs none).
     pub snapshots: u64,
-    /// Deltas received.
+    /// Deltas received with routes or removals (staleness-only updates are not counted).
     pub deltas: u64,
     /// Whether the peer has been reached since start.
     pub ever_connected: bool,
@@ -683,8 +683,8 @@ fn save_all(shared: &Shared, saved: &mut Saved) {
         }
     }
     if let (Some(path), Some(vips)) = (shared.state_path(VIPS_FILE), &shared.vips) {
-        // Names are shared `Arc`s: the lock is held while they are counted out, not while
-        // the file is written.
+        // The entries are built under the lock (a few milliseconds for a /16), the file is
+        // written after it is released, so a merge waits at most for the copy.
         let (generation, state) = {
             let alloc = lock(vips);
             let generation = alloc.generation();

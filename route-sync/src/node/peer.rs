@@ -169,7 +169,10 @@ async fn follow(
             lock(state).snapshots += 1;
             merger.import_snapshot(&spec.cluster, routes)
         } else {
-            lock(state).deltas += 1;
+            // An update without routes only says the peer's staleness changed: not a delta.
+            if !routes.is_empty() || !removals.is_empty() || !rejected.is_empty() {
+                lock(state).deltas += 1;
+            }
             merger.import_delta(&spec.cluster, routes, removals)
         };
         rejected.extend(more_rejected);
