@@ -36,9 +36,9 @@ use std::sync::{Arc, OnceLock};
 
 pub use cert::{serial_of, spiffe_id_of};
 pub use error::CertsError;
-pub use material::{Identity, TrustBundle};
+pub use material::{AnchorRefused, Identity, RootScope, TrustBundle};
 pub use mesh::{MeshTls, ReloadStatus, TlsFiles};
-pub use policy::{PeerPolicy, PeerRule, PolicyDenied};
+pub use policy::{Component, PeerPolicy, PeerRule, PolicyDenied};
 pub use spiffe::{SpiffeId, SpiffeIdError, validate_trust_domain};
 
 /// The one crypto provider of the mesh: rustls' `ring` provider restricted to its TLS 1.3
