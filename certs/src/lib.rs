@@ -17,6 +17,8 @@
 //!   process-default provider);
 //! - accept a peer without verifying its chain against the current bundle *and* checking its
 //!   SPIFFE ID against a policy (an empty policy allows nobody);
+//! - accept a chain whose root does not vouch for the leaf's trust domain (a root vouches only
+//!   for the one its `spiffe://<trust-domain>` URI SAN names, see [`RootScope`]);
 //! - log or `Debug`-print private key material;
 //! - replace working material with files that do not load: the last good material stays.
 
