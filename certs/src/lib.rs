@@ -17,6 +17,8 @@
 //!   process-default provider);
 //! - accept a peer without verifying its chain against the current bundle *and* checking its
 //!   SPIFFE ID against a policy (an empty policy allows nobody);
+//! - accept a chain whose root does not vouch for the leaf's trust domain (a root vouches only
+//!   for the one its `spiffe://<trust-domain>` URI SAN names, see [`RootScope`]);
 //! - log or `Debug`-print private key material;
 //! - replace working material with files that do not load: the last good material stays.
 
@@ -36,9 +38,9 @@ use std::sync::{Arc, OnceLock};
 
 pub use cert::{serial_of, spiffe_id_of};
 pub use error::CertsError;
-pub use material::{Identity, TrustBundle};
+pub use material::{AnchorRefused, Identity, RootScope, TrustBundle};
 pub use mesh::{MeshTls, ReloadStatus, TlsFiles};
-pub use policy::{PeerPolicy, PeerRule, PolicyDenied};
+pub use policy::{Component, PeerPolicy, PeerRule, PolicyDenied};
 pub use spiffe::{SpiffeId, SpiffeIdError, validate_trust_domain};
 
 /// The one crypto provider of the mesh: rustls' `ring` provider restricted to its TLS 1.3

@@ -149,13 +149,131 @@ impl fmt::Debug for Identity {
     }
 }
 
+/// What one root of a bundle vouches for, read once at load from its SPIFFE URI SAN.
+///
+/// A root vouches only for the trust domain its own `spiffe://<trust-domain>` URI SAN names, so
+/// a bundle that merges the roots of two trust domains does not let either CA issue IDs of the
+/// other. A root that names no trust domain anchors nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootScope {
+    /// Leaves whose SPIFFE ID is in this trust domain.
+    TrustDomain(String),
+    /// No leaf at all; the text says why the root names no trust domain.
+    Nothing(String),
+}
+
+impl RootScope {
+    /// Reads the scope from a root's URI SANs: every `spiffe://` URI must name the same, valid
+    /// trust domain (`spiffe://<td>`, or an ID `spiffe://<td>/<path>` when the CA is itself an
+    /// SVID), and there must be at least one.
+    fn of(uris: &[&str]) -> RootScope {
+        let spiffe: Vec<&str> = uris
+            .iter()
+            .copied()
+            .filter(|uri| {
+                uri.get(..9)
+                    .is_some_and(|scheme| scheme.eq_ignore_ascii_case("spiffe://"))
+            })
+            .collect();
+        let mut domain: Option<String> = None;
+        for uri in &spiffe {
+            let td = match crate::spiffe::trust_domain_of_uri(uri) {
+                Some(td) => td.to_owned(),
+                None => match SpiffeId::parse(uri) {
+                    Ok(id) => id.trust_domain().to_owned(),
+                    Err(_) => {
+                        return RootScope::Nothing(format!(
+                            "its URI SAN {uri:?} is neither spiffe://<trust-domain> nor a valid SPIFFE ID"
+                        ));
+                    }
+                },
+            };
+            match &domain {
+                Some(seen) if *seen != td => {
+                    return RootScope::Nothing(format!(
+                        "its URI SANs name more than one trust domain ({}); a root vouches for one",
+                        spiffe.join(", ")
+                    ));
+                }
+                _ => domain = Some(td),
+            }
+        }
+        match domain {
+            Some(td) => RootScope::TrustDomain(td),
+            None => RootScope::Nothing(
+                "it has no spiffe://<trust-domain> URI SAN naming the trust domain it vouches for"
+                    .to_owned(),
+            ),
+        }
+    }
+}
+
+impl fmt::Display for RootScope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RootScope::TrustDomain(td) => write!(f, "trust domain {td}"),
+            RootScope::Nothing(why) => write!(f, "nothing ({why})"),
+        }
+    }
+}
+
+/// A chain verified up to a root of the bundle was refused because that root does not vouch
+/// for the leaf's trust domain.
+///
+/// `Debug` prints the same sentence as `Display`, as [`PolicyDenied`](crate::PolicyDenied)
+/// does, because rustls shows it through `Debug`.
+#[derive(Clone, PartialEq, Eq, thiserror::Error)]
+pub struct AnchorRefused {
+    /// The ID the peer presented.
+    pub presented: SpiffeId,
+    /// The subject of the root its chain ended at.
+    pub root: String,
+    /// What that root vouches for.
+    pub scope: RootScope,
+}
+
+impl fmt::Display for AnchorRefused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (presented, root) = (&self.presented, &self.root);
+        match &self.scope {
+            RootScope::TrustDomain(td) => write!(
+                f,
+                "peer {presented} of trust domain {} chains to root \"{root}\" of trust domain \
+                 {td}, which vouches only for {td}: a root anchors only IDs of its own trust domain",
+                presented.trust_domain()
+            ),
+            RootScope::Nothing(why) => write!(
+                f,
+                "peer {presented} chains to root \"{root}\", which anchors no trust domain: {why}"
+            ),
+        }
+    }
+}
+
+impl fmt::Debug for AnchorRefused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AnchorRefused({self})")
+    }
+}
+
+/// One root as the verifiers need it: its subject for messages and the trust domain it
+/// vouches for, in the order of the store's trust anchors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RootInfo {
+    subject: String,
+    scope: RootScope,
+}
+
 /// The root CAs peers are verified against. Never empty; every entry is a CA certificate.
 ///
 /// Several roots at once are how a CA is rotated: distribute old and new, reissue leaves from
-/// the new CA, then drop the old root.
+/// the new CA, then drop the old root. Each root vouches only for its own trust domain
+/// ([`RootScope`]).
 #[derive(Clone)]
 pub struct TrustBundle {
     roots: Vec<CertificateDer<'static>>,
+    /// `info[i]` describes `store.roots[i]` (and `roots[i]`).
+    info: Arc<[RootInfo]>,
     store: Arc<RootCertStore>,
 }
 
@@ -192,6 +310,7 @@ impl TrustBundle {
             });
         }
         let mut unique: Vec<CertificateDer<'static>> = Vec::with_capacity(roots.len());
+        let mut info = Vec::with_capacity(roots.len());
         let mut store = RootCertStore::empty();
         for (index, der) in roots.into_iter().enumerate() {
             let x509 = cert::parse(&der, origin, index)?;
@@ -202,10 +321,14 @@ impl TrustBundle {
                     subject: x509.subject().to_string(),
                 });
             }
-            drop(x509);
             if unique.contains(&der) {
                 continue;
             }
+            let root = RootInfo {
+                subject: x509.subject().to_string(),
+                scope: RootScope::of(&cert::uri_sans(&x509, origin)?),
+            };
+            drop(x509);
             store
                 .add(der.clone())
                 .map_err(|source| CertsError::BadTrustAnchor {
@@ -214,9 +337,13 @@ impl TrustBundle {
                     source,
                 })?;
             unique.push(der);
+            info.push(root);
         }
+        // `add` pushes exactly one anchor per root, so the two lists stay index for index.
+        debug_assert_eq!(store.roots.len(), info.len());
         Ok(TrustBundle {
             roots: unique,
+            info: info.into(),
             store: Arc::new(store),
         })
     }
@@ -243,6 +370,43 @@ impl TrustBundle {
     /// The root certificates, in file order, without duplicates.
     pub fn roots(&self) -> &[CertificateDer<'static>] {
         &self.roots
+    }
+
+    /// What each root vouches for, index for index with [`TrustBundle::roots`].
+    pub fn scopes(&self) -> impl ExactSizeIterator<Item = &RootScope> {
+        self.info.iter().map(|root| &root.scope)
+    }
+
+    /// The subject of each root that anchors nothing, with the reason.
+    pub(crate) fn unanchored(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.info.iter().filter_map(|root| match &root.scope {
+            RootScope::Nothing(why) => Some((root.subject.as_str(), why.as_str())),
+            RootScope::TrustDomain(_) => None,
+        })
+    }
+
+    /// Whether the root at `index` (in [`TrustBundle::roots`] order, which is also the order
+    /// of the rustls store's anchors) vouches for `id`.
+    ///
+    /// # Errors
+    /// [`AnchorRefused`] naming the ID, the root and its scope when the root is of another
+    /// trust domain or anchors none. An index past the end anchors nothing.
+    pub fn vouches(&self, index: usize, id: &SpiffeId) -> Result<(), AnchorRefused> {
+        let Some(root) = self.info.get(index) else {
+            return Err(AnchorRefused {
+                presented: id.clone(),
+                root: format!("#{index}"),
+                scope: RootScope::Nothing("no such root in the bundle".to_owned()),
+            });
+        };
+        match &root.scope {
+            RootScope::TrustDomain(td) if td.eq_ignore_ascii_case(id.trust_domain()) => Ok(()),
+            scope => Err(AnchorRefused {
+                presented: id.clone(),
+                root: root.subject.clone(),
+                scope: scope.clone(),
+            }),
+        }
     }
 
     /// The bundle as PEM text, one CERTIFICATE section per root.

@@ -52,13 +52,22 @@ pub(crate) struct Material {
     pub(crate) identity: Identity,
     pub(crate) bundle: TrustBundle,
     pub(crate) roots: Arc<RootCertStore>,
-    /// webpki's client-chain verifier for this bundle, built once per generation.
+    /// rustls' client-chain verifier for this bundle, built once per generation. The
+    /// verifiers use it only to name a chain refusal the way rustls does.
     pub(crate) client_chain: Arc<dyn ClientCertVerifier>,
     pub(crate) generation: u64,
 }
 
 impl Material {
     fn new(identity: Identity, bundle: TrustBundle, generation: u64) -> Self {
+        // Loading such a bundle is not an error (its other roots still work), but every peer
+        // chaining to that root will be refused: say so once, here, rather than per handshake.
+        for (subject, why) in bundle.unanchored() {
+            tracing::warn!(
+                root = subject,
+                "trust bundle root anchors no trust domain: {why}"
+            );
+        }
         let roots = bundle.root_store();
         let client_chain = WebPkiClientVerifier::builder_with_provider(
             Arc::clone(&roots),
@@ -77,14 +86,19 @@ impl Material {
     }
 }
 
-/// Reload bookkeeping, for health and metrics.
+/// What reloading did so far, as [`MeshTls::reload_status`] reports it: the generation in use
+/// and the reload attempts ([`MeshTls::reload_from`], which the watcher calls) that failed.
+///
+/// This crate only keeps the numbers; it serves no health check or metric itself. A component
+/// that wants reload failures in its `/metrics` or `/healthz` reads them from here.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReloadStatus {
     /// Generation of the material in use; starts at 1 and grows by one per swap.
     pub generation: u64,
     /// Reload attempts that failed and kept the previous material, since start.
     pub failures: u64,
-    /// Why the most recent reload attempt failed, if it did (cleared by a successful load).
+    /// Why the most recent reload attempt failed, if it did (cleared by a later attempt that
+    /// loads, whether or not the files changed, and by [`MeshTls::replace`]).
     pub last_error: Option<String>,
 }
 
@@ -188,7 +202,7 @@ impl MeshTls {
         self.bundle().anchors()
     }
 
-    /// Generation, failure count and last reload error, for health and metrics.
+    /// Generation, failure count and last reload error (see [`ReloadStatus`]).
     pub fn reload_status(&self) -> ReloadStatus {
         self.lock_status().clone()
     }

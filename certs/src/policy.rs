@@ -2,10 +2,69 @@
 //!
 //! A policy is a list of rules; a peer is allowed when any rule matches. An empty policy
 //! allows nobody, so forgetting to configure one fails closed.
+//!
+//! Mesh components are told apart by [`Component`], the last segment of
+//! `spiffe://<td>/cluster/<cluster>/<component>`: a rule that names a component
+//! ([`PeerPolicy::component`]) matches that ID exactly, so a DNS shim's certificate cannot pass
+//! where a gateway's is expected.
 
+use std::borrow::Cow;
 use std::fmt;
+use std::str::FromStr;
 
+use crate::error::CertsError;
 use crate::spiffe::SpiffeId;
+
+/// The name of a mesh component: the last path segment of its ID
+/// `spiffe://<td>/cluster/<cluster>/<component>`, one segment of `[A-Za-z0-9._-]`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Component(Cow<'static, str>);
+
+impl Component {
+    /// The gateway (egress and ingress roles share one identity).
+    pub const GATEWAY: Component = Component(Cow::Borrowed("gateway"));
+    /// route-sync, the control plane of one cluster.
+    pub const ROUTE_SYNC: Component = Component(Cow::Borrowed("route-sync"));
+    /// The DNS shim.
+    pub const DNS_SHIM: Component = Component(Cow::Borrowed("dns-shim"));
+    /// An operator's identity (for tooling that changes Isthmus state).
+    pub const OPERATOR: Component = Component(Cow::Borrowed("operator"));
+
+    /// Parses a component name.
+    ///
+    /// # Errors
+    /// [`CertsError::InvalidSpiffeId`] when `name` is not one valid SPIFFE path segment.
+    pub fn parse(name: &str) -> Result<Component, CertsError> {
+        // The component is the last segment of a mesh ID: validate it in that position.
+        SpiffeId::for_component("td", "c", name)?;
+        Ok(Component(Cow::Owned(name.to_owned())))
+    }
+
+    /// The name, e.g. `gateway`.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for Component {
+    type Err = CertsError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Component::parse(s)
+    }
+}
+
+impl fmt::Display for Component {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl PartialEq<str> for Component {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
 
 /// One way of allowing a peer.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -22,6 +81,17 @@ pub enum PeerRule {
         /// Path prefix, matched segment by segment.
         path_prefix: String,
     },
+    /// The ID of `component` of `cluster` in `trust_domain`, exactly
+    /// `spiffe://<trust_domain>/cluster/<cluster>/<component>` (no further segments); without
+    /// a cluster, that component of any cluster of the trust domain.
+    Component {
+        /// Trust domain, compared without regard to ASCII case.
+        trust_domain: String,
+        /// The cluster segment, or `None` for any cluster.
+        cluster: Option<String>,
+        /// The component segment.
+        component: Component,
+    },
 }
 
 impl PeerRule {
@@ -35,6 +105,16 @@ impl PeerRule {
             } => {
                 id.trust_domain().eq_ignore_ascii_case(trust_domain)
                     && path_has_prefix(id.path(), path_prefix)
+            }
+            PeerRule::Component {
+                trust_domain,
+                cluster,
+                component,
+            } => {
+                id.trust_domain().eq_ignore_ascii_case(trust_domain)
+                    && id.mesh_component().is_some_and(|(c, comp)| {
+                        cluster.as_deref().is_none_or(|want| want == c) && component == comp
+                    })
             }
         }
     }
@@ -69,6 +149,24 @@ impl fmt::Display for PeerRule {
                     write!(f, "trust domain {trust_domain} path prefix /{prefix}")
                 }
             }
+            PeerRule::Component {
+                trust_domain,
+                cluster: Some(cluster),
+                component,
+            } => write!(
+                f,
+                "component {component} of cluster {cluster} \
+                 (spiffe://{trust_domain}/cluster/{cluster}/{component})"
+            ),
+            PeerRule::Component {
+                trust_domain,
+                cluster: None,
+                component,
+            } => write!(
+                f,
+                "component {component} of any cluster \
+                 (spiffe://{trust_domain}/cluster/*/{component})"
+            ),
         }
     }
 }
@@ -91,6 +189,37 @@ impl PeerPolicy {
             trust_domain: td.to_owned(),
             path_prefix: String::new(),
         }])
+    }
+
+    /// Exactly the mesh ID of `component` of `cluster` in `trust_domain`:
+    /// `spiffe://<trust_domain>/cluster/<cluster>/<component>`. The one way to say "the
+    /// gateway of cluster k8s": a prefix on the cluster would let any other component of that
+    /// cluster (a DNS shim, say) pose as it.
+    pub fn component(trust_domain: &str, cluster: &str, component: Component) -> Self {
+        PeerPolicy::new(vec![PeerRule::Component {
+            trust_domain: trust_domain.to_owned(),
+            cluster: Some(cluster.to_owned()),
+            component,
+        }])
+    }
+
+    /// Any of `components`, of `cluster` or (with `None`) of any cluster of `trust_domain`.
+    /// No components: nobody.
+    pub fn components(
+        trust_domain: &str,
+        cluster: Option<&str>,
+        components: impl IntoIterator<Item = Component>,
+    ) -> Self {
+        PeerPolicy::new(
+            components
+                .into_iter()
+                .map(|component| PeerRule::Component {
+                    trust_domain: trust_domain.to_owned(),
+                    cluster: cluster.map(str::to_owned),
+                    component,
+                })
+                .collect(),
+        )
     }
 
     /// Exactly the given IDs.
@@ -234,6 +363,66 @@ mod tests {
         assert!(p.check(&id("spiffe://a/x")).is_ok());
         assert!(p.check(&id("spiffe://b/cluster/diego/gateway")).is_ok());
         assert!(p.check(&id("spiffe://a/y")).is_err());
+    }
+
+    #[test]
+    fn component_matches_exactly_that_component_of_that_cluster() {
+        let p = PeerPolicy::component("td", "k8s", Component::GATEWAY);
+        assert!(p.check(&id("spiffe://td/cluster/k8s/gateway")).is_ok());
+        for refused in [
+            "spiffe://td/cluster/k8s/dns-shim",
+            "spiffe://td/cluster/k8s/route-sync",
+            "spiffe://td/cluster/k8s/gateway/extra",
+            "spiffe://td/cluster/k8s/gateway2",
+            "spiffe://td/cluster/k8s2/gateway",
+            "spiffe://td/cluster/diego/gateway",
+            "spiffe://td/other/k8s/gateway",
+            "spiffe://td2/cluster/k8s/gateway",
+            "spiffe://td/cluster/k8s",
+        ] {
+            let denied = p.check(&id(refused)).unwrap_err();
+            assert_eq!(
+                denied.to_string(),
+                format!(
+                    "peer {refused} is not allowed: expected one of [component gateway of \
+                     cluster k8s (spiffe://td/cluster/k8s/gateway)]"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn components_of_any_cluster() {
+        let p = PeerPolicy::components("td", None, [Component::GATEWAY, Component::OPERATOR]);
+        assert!(p.check(&id("spiffe://td/cluster/k8s/gateway")).is_ok());
+        assert!(p.check(&id("spiffe://td/cluster/diego/operator")).is_ok());
+        let denied = p
+            .check(&id("spiffe://td/cluster/k8s/dns-shim"))
+            .unwrap_err();
+        assert!(
+            denied
+                .to_string()
+                .contains("component gateway of any cluster (spiffe://td/cluster/*/gateway)"),
+            "{denied}"
+        );
+        assert!(p.check(&id("spiffe://other/cluster/k8s/gateway")).is_err());
+        assert!(
+            PeerPolicy::components("td", None, [])
+                .check(&id("spiffe://td/cluster/k8s/gateway"))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn component_names_are_single_segments() {
+        assert_eq!(Component::parse("gateway").unwrap(), Component::GATEWAY);
+        assert_eq!(
+            "dns-shim".parse::<Component>().unwrap(),
+            Component::DNS_SHIM
+        );
+        for bad in ["", "a/b", "..", "gate way", "gät"] {
+            assert!(Component::parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

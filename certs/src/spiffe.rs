@@ -119,6 +119,21 @@ impl SpiffeId {
         &self.id
     }
 
+    /// The cluster and component when the path is exactly the mesh's
+    /// `/cluster/<cluster>/<component>`, e.g. `("k8s", "gateway")`.
+    pub fn mesh_component(&self) -> Option<(&str, &str)> {
+        let mut segments = self.path()[1..].split('/');
+        match (
+            segments.next(),
+            segments.next(),
+            segments.next(),
+            segments.next(),
+        ) {
+            (Some("cluster"), Some(cluster), Some(component), None) => Some((cluster, component)),
+            _ => None,
+        }
+    }
+
     /// The cluster name when the path has the mesh's `/cluster/<cluster>/...` form.
     pub fn cluster(&self) -> Option<&str> {
         let mut segments = self.path()[1..].split('/');
@@ -250,6 +265,18 @@ mod tests {
         assert_eq!(id.trust_domain(), "mesh.example.org");
         assert_eq!(id.path(), "/cluster/k8s/gateway");
         assert_eq!(id.cluster(), Some("k8s"));
+        assert_eq!(id.mesh_component(), Some(("k8s", "gateway")));
+        for other in [
+            "spiffe://td/cluster/k8s",
+            "spiffe://td/cluster/k8s/gateway/x",
+            "spiffe://td/clusters/k8s/gateway",
+        ] {
+            assert_eq!(
+                SpiffeId::parse(other).unwrap().mesh_component(),
+                None,
+                "{other}"
+            );
+        }
         assert_eq!(id.as_str(), "spiffe://mesh.example.org/cluster/k8s/gateway");
         assert_eq!(id.to_string(), id.as_str());
         let same: SpiffeId = "spiffe://mesh.example.org/cluster/k8s/gateway"

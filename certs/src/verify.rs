@@ -5,12 +5,24 @@
 //! Each hook loads the material from the shared `ArcSwap` once per handshake, so a reload takes
 //! effect on the next handshake without rebuilding any config.
 //!
+//! The chain is verified by webpki directly, not through rustls' verifiers, because only
+//! webpki's verified path says which root the chain ended at: a root vouches only for the
+//! trust domain of its own SPIFFE URI SAN ([`RootScope`](crate::RootScope)), so a path is
+//! accepted only when its root vouches for the leaf's trust domain. A path refused for that
+//! reason lets webpki try the next candidate root, so a leaf that chains to roots of two
+//! domains is judged by the right one.
+//!
 //! Refusals keep rustls' own error kinds for chain problems (expired, not yet valid, unknown
 //! issuer, …; a missing client certificate never reaches us: rustls reports
-//! `NoCertificatesPresented`). A policy refusal is `InvalidCertificate(Other(..))` carrying a
-//! [`PolicyDenied`](crate::PolicyDenied) that names the presented ID and the rules. Every refusal
-//! is logged once here at `warn`, with the presented SPIFFE ID when the certificate has one.
+//! `NoCertificatesPresented`): when webpki refuses for such a reason, rustls' own verifier runs
+//! on the same input to name it. A root of the wrong trust domain is
+//! `InvalidCertificate(Other(..))` carrying an [`AnchorRefused`] that names the leaf's ID and
+//! domain and the root's subject and domain. A policy refusal is `InvalidCertificate(Other(..))`
+//! carrying a [`PolicyDenied`](crate::PolicyDenied) that names the presented ID and the rules.
+//! Every refusal is logged once here at `warn`, with the presented SPIFFE ID when the
+//! certificate has one.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::sync::Arc;
 
@@ -25,9 +37,12 @@ use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, Error, OtherError, SignatureScheme,
 };
 use tracing::warn;
+use webpki::{EndEntityCert, KeyUsage};
 
 use crate::cert::spiffe_id_of;
-use crate::mesh::Shared;
+use crate::error::CertsError;
+use crate::material::{AnchorRefused, RootScope};
+use crate::mesh::{Material, Shared};
 use crate::policy::PeerPolicy;
 use crate::spiffe::SpiffeId;
 
@@ -65,7 +80,83 @@ impl PeerCheck {
         }
     }
 
-    /// Logs and passes through a chain refusal from webpki.
+    /// Verifies the chain against the current bundle, accepting only a path whose root vouches
+    /// for the leaf's trust domain, then the leaf's SPIFFE ID against the policy.
+    ///
+    /// `name_refusal` runs rustls' own verifier on the same input, only after webpki refused
+    /// the chain for a reason other than the root's trust domain, so that the error keeps the
+    /// kind rustls would have given it (expired, unknown issuer, …).
+    fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: KeyUsage,
+        name_refusal: impl FnOnce(&Material) -> Result<(), Error>,
+    ) -> Result<SpiffeId, Error> {
+        let material = self.shared.material.load();
+        let leaf_id = spiffe_id_of(end_entity);
+        let anchors = &material.roots.roots;
+        let refused: RefCell<Option<AnchorRefused>> = RefCell::new(None);
+        let accept = |path: &webpki::VerifiedPath<'_>| -> Result<(), webpki::Error> {
+            // A leaf without a usable ID is refused by `check_id` once the chain is known good.
+            let Ok(id) = &leaf_id else { return Ok(()) };
+            let index = anchors
+                .iter()
+                .position(|anchor| std::ptr::eq(anchor, path.anchor()))
+                .unwrap_or(usize::MAX);
+            material.bundle.vouches(index, id).map_err(|e| {
+                refused.borrow_mut().get_or_insert(e);
+                // Not fatal to webpki: it goes on with the next candidate root.
+                webpki::Error::UnknownIssuer
+            })
+        };
+        let chain = EndEntityCert::try_from(end_entity).and_then(|cert| {
+            cert.verify_for_usage(
+                self.algorithms.all,
+                anchors,
+                intermediates,
+                now,
+                usage,
+                None,
+                Some(&accept),
+            )
+            .map(drop)
+        });
+        if let Err(webpki_error) = chain {
+            if let Some(refusal) = refused.into_inner() {
+                return Err(self.anchor_refused(refusal));
+            }
+            let error = match name_refusal(&material) {
+                Err(error) => error,
+                // rustls and webpki disagreeing would be a bug; refuse with webpki's reason.
+                Ok(()) => other(webpki_error),
+            };
+            return Err(self.chain_refused(end_entity, error));
+        }
+        self.check_id(leaf_id)
+    }
+
+    fn anchor_refused(&self, refusal: AnchorRefused) -> Error {
+        match &refusal.scope {
+            RootScope::TrustDomain(root_domain) => warn!(
+                peer = %refusal.presented,
+                role = %self.role,
+                root = %refusal.root,
+                root_trust_domain = %root_domain,
+                "refused TLS peer: {refusal}"
+            ),
+            RootScope::Nothing(_) => warn!(
+                peer = %refusal.presented,
+                role = %self.role,
+                root = %refusal.root,
+                "refused TLS peer: {refusal}"
+            ),
+        }
+        other(refusal)
+    }
+
+    /// Logs and passes through a chain refusal.
     fn chain_refused(&self, end_entity: &CertificateDer<'_>, error: Error) -> Error {
         let presented = spiffe_id_of(end_entity)
             .map(|id| id.to_string())
@@ -79,9 +170,9 @@ impl PeerCheck {
         error
     }
 
-    /// Extracts the SPIFFE ID and applies the policy. Runs after the chain is verified.
-    fn check_id(&self, end_entity: &CertificateDer<'_>) -> Result<SpiffeId, Error> {
-        let id = spiffe_id_of(end_entity).map_err(|e| {
+    /// Applies the policy to the leaf's SPIFFE ID. Runs after the chain is verified.
+    fn check_id(&self, leaf_id: Result<SpiffeId, CertsError>) -> Result<SpiffeId, Error> {
+        let id = leaf_id.map_err(|e| {
             warn!(
                 role = %self.role,
                 error = %crate::error::Chain(&e),
@@ -167,12 +258,18 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        let material = self.0.shared.material.load();
-        material
-            .client_chain
-            .verify_client_cert(end_entity, intermediates, now)
-            .map_err(|e| self.0.chain_refused(end_entity, e))?;
-        self.0.check_id(end_entity)?;
+        self.0.verify(
+            end_entity,
+            intermediates,
+            now,
+            KeyUsage::client_auth(),
+            |material| {
+                material
+                    .client_chain
+                    .verify_client_cert(end_entity, intermediates, now)
+                    .map(drop)
+            },
+        )?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -228,19 +325,24 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        let material = self.0.shared.material.load();
-        ParsedCertificate::try_from(end_entity)
-            .and_then(|cert| {
-                verify_server_cert_signed_by_trust_anchor(
-                    &cert,
-                    &material.roots,
-                    intermediates,
-                    now,
-                    self.0.algorithms.all,
-                )
-            })
-            .map_err(|e| self.0.chain_refused(end_entity, e))?;
-        self.0.check_id(end_entity)?;
+        let algorithms = self.0.algorithms.all;
+        self.0.verify(
+            end_entity,
+            intermediates,
+            now,
+            KeyUsage::server_auth(),
+            |material| {
+                ParsedCertificate::try_from(end_entity).and_then(|cert| {
+                    verify_server_cert_signed_by_trust_anchor(
+                        &cert,
+                        &material.roots,
+                        intermediates,
+                        now,
+                        algorithms,
+                    )
+                })
+            },
+        )?;
         Ok(ServerCertVerified::assertion())
     }
 

@@ -125,6 +125,17 @@ fn init_issue_inspect_bundle() {
         "{}",
         stdout(&o)
     );
+    // The root names its trust domain as a URI SAN: without it, it would anchor nothing.
+    assert!(
+        stdout(&o).contains("URI SANs:    spiffe://mesh.test\n"),
+        "{}",
+        stdout(&o)
+    );
+    let bundle = TrustBundle::load(&ca_dir.join("ca.pem")).unwrap();
+    assert_eq!(
+        bundle.scopes().collect::<Vec<_>>(),
+        [&isthmus_certs::RootScope::TrustDomain("mesh.test".into())]
+    );
 
     // inspect an expired and a not-yet-valid cert: exit 1 and why
     let ca = MeshCa::load(&ca_dir).unwrap();

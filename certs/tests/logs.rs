@@ -87,6 +87,48 @@ async fn refusals_and_reload_failures_are_logged_usefully() {
     );
     assert!(line.contains(&format!("exact {allowed}")), "{line}");
 
+    // A chain that ends at another trust domain's root names both domains and the root.
+    let a = RawCa::new("root of a", &["spiffe://a"]);
+    let b = RawCa::new("root of b", &["spiffe://b"]);
+    let two = bundle_of(&[&a.pem, &b.pem]);
+    let server_a = MeshTls::new(a.leaf("spiffe://a/cluster/k8s/gateway"), two.clone());
+    let mut server_a =
+        EchoServer::start(server_a.server_config(PeerPolicy::trust_domain("a"), &[ALPN])).await;
+    let posing = MeshTls::new(b.leaf("spiffe://a/cluster/diego/gateway"), two);
+    let result = connect_and_echo(
+        posing.client_config(PeerPolicy::trust_domain("a"), &[ALPN]),
+        server_a.addr,
+    )
+    .await;
+    assert!(result.is_err());
+    assert!(server_a.next().await.is_err());
+    let logs = capture.text();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("refused TLS peer") && l.contains("root of b"))
+        .unwrap_or_else(|| panic!("no trust-domain refusal line in:\n{logs}"));
+    assert!(line.contains("WARN"), "{line}");
+    for needle in [
+        "spiffe://a/cluster/diego/gateway",
+        "trust domain a",
+        "root_trust_domain=b",
+    ] {
+        assert!(line.contains(needle), "{needle:?} missing from {line}");
+    }
+
+    // A root that names no trust domain is reported once, when the bundle is taken into use.
+    let plain = RawCa::new("plain root", &[]);
+    let _ = MeshTls::new(
+        a.leaf("spiffe://a/cluster/k8s/gateway"),
+        bundle_of(&[&a.pem, &plain.pem]),
+    );
+    let logs = capture.text();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("anchors no trust domain") && l.contains("plain root"))
+        .unwrap_or_else(|| panic!("no unanchored-root warning in:\n{logs}"));
+    assert!(line.contains("WARN"), "{line}");
+
     // A reload failure names the file and the reason, and leaks no key bytes.
     let cancel = CancellationToken::new();
     let handle = server_mesh.watch(files.clone(), Duration::from_millis(50), cancel.clone());

@@ -6,7 +6,7 @@
 //! tls: {cert: certs/cert.pem, key: certs/key.pem, bundle: certs/ca.pem}
 //! routes: {file: routes.yaml}
 //! admin: {listen: "127.0.0.1:15020"}
-//! ingress: {listen: "0.0.0.0:15008", quic: true}
+//! ingress: {listen: "0.0.0.0:15008", quic: true, allowed_callers: [gateway]}
 //! egress:
 //!   peers:
 //!     - {cluster: k8s, endpoints: ["10.0.8.5:15008", "10.0.8.6:15008"], transport: quic}
@@ -120,6 +120,13 @@ pub struct IngressConfig {
     /// Also accept QUIC on the same port number over UDP.
     #[serde(default = "yes")]
     pub quic: bool,
+    /// Components of the trust domain (any cluster) whose certificates may open a tunnel
+    /// connection, checked at the TLS handshake, e.g. `[gateway]`. Only gateways call an
+    /// ingress in the mesh, so any other component's certificate (a DNS shim's, say) is
+    /// refused before it can ask for a route; each route's `allowed_peers` then decides per
+    /// stream as before. Add a component here only for a caller that needs tunnels.
+    #[serde(default = "default_allowed_callers")]
+    pub allowed_callers: Vec<CallerComponent>,
     /// Time allowed for one backend connect attempt.
     #[serde(default = "default_connect")]
     pub connect_timeout: HumanDuration,
@@ -163,6 +170,41 @@ pub struct IngressConfig {
 
 fn default_ingress_dead_after() -> HumanDuration {
     HumanDuration::from_secs(30)
+}
+
+/// A component name in `ingress.allowed_callers`, checked as it is parsed.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct CallerComponent(pub isthmus_certs::Component);
+
+impl TryFrom<String> for CallerComponent {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<Self, Self::Error> {
+        isthmus_certs::Component::parse(&name)
+            .map(CallerComponent)
+            .map_err(|_| {
+                format!(
+                    "{name:?} is not a component name: expected one path segment of \
+                     letters, digits, '.', '-' and '_', such as gateway"
+                )
+            })
+    }
+}
+
+impl IngressConfig {
+    /// The handshake-level policy: the allowed components of any cluster of `trust_domain`.
+    pub fn caller_policy(&self, trust_domain: &str) -> isthmus_certs::PeerPolicy {
+        isthmus_certs::PeerPolicy::components(
+            trust_domain,
+            None,
+            self.allowed_callers.iter().map(|c| c.0.clone()),
+        )
+    }
+}
+
+fn default_allowed_callers() -> Vec<CallerComponent> {
+    vec![CallerComponent(isthmus_certs::Component::GATEWAY)]
 }
 
 fn yes() -> bool {
@@ -216,6 +258,7 @@ impl Default for IngressConfig {
         Self {
             listen: default_tunnel(),
             quic: true,
+            allowed_callers: default_allowed_callers(),
             connect_timeout: default_connect(),
             handshake_timeout: default_handshake(),
             request_timeout: default_handshake(),
@@ -449,6 +492,12 @@ impl Validate for GatewayConfig {
             check_positive("ingress.max_handshakes", ingress.max_handshakes as u64)?;
             if ingress.dead_after.get() < std::time::Duration::from_millis(100) {
                 return Err(FieldError::new("ingress.dead_after", "at least 100ms"));
+            }
+            if ingress.allowed_callers.is_empty() {
+                return Err(FieldError::new(
+                    "ingress.allowed_callers",
+                    "at least one component, e.g. [gateway]: an empty list admits nobody",
+                ));
             }
         }
         if let Some(egress) = &self.egress {

@@ -162,6 +162,123 @@ async fn an_allowed_identity_gets_what_another_is_denied() {
     w.ingress.stop().await;
 }
 
+/// The status the ingress at `addr` answers a CONNECT for orders from `tls` over h2, or
+/// `None` when it refuses the connection (at the handshake, or on the first request: TLS 1.3
+/// reports a refused client certificate on the first read).
+async fn h2_admits(addr: std::net::SocketAddr, tls: &isthmus_certs::MeshTls) -> Option<u16> {
+    let client = within(RawH2::connect(addr, tls, "k8s")).await.ok()?;
+    let mut ready = within(client.send.clone().ready()).await.ok()?;
+    let req = http::Request::builder()
+        .method(Method::CONNECT)
+        .uri("orders.apps.internal:8080")
+        .body(())
+        .unwrap();
+    let (resp, _) = ready.send_request(req, false).ok()?;
+    let status = within(resp).await.ok()?.status().as_u16();
+    drop(client);
+    Some(status)
+}
+
+/// As [`h2_admits`], over QUIC; a refused client certificate may only show as the
+/// connection closing after the client's side of the handshake finished.
+async fn quic_admits(addr: std::net::SocketAddr, tls: &isthmus_certs::MeshTls) -> Option<u16> {
+    let client = within(RawQuic::connect(addr, tls, "k8s")).await.ok()?;
+    let (mut send, mut recv) = within(client.conn.open_bi()).await.ok()?;
+    within(send.write_all(b"CONNECT orders.apps.internal:8080 ISTHMUS/1\r\n\r\n"))
+        .await
+        .ok()?;
+    let mut buf = Vec::new();
+    loop {
+        if let Ok(isthmus_gateway::frame::Parsed::Complete { head, .. }) =
+            isthmus_gateway::frame::parse_response(&buf)
+        {
+            return Some(head.status);
+        }
+        let chunk = within(recv.read_chunk(1024, true)).await.ok()??;
+        buf.extend_from_slice(&chunk.bytes);
+    }
+}
+
+#[tokio::test]
+async fn an_ingress_admits_only_gateways_unless_configured() {
+    let w = world().await;
+    for component in ["dns-shim", "route-sync"] {
+        let caller = w.mesh.tls("diego", component);
+        assert_eq!(
+            h2_admits(w.ingress_addr, &caller).await,
+            None,
+            "diego's {component} must not open a tunnel connection"
+        );
+        assert_eq!(
+            quic_admits(w.ingress_addr, &caller).await,
+            None,
+            "diego's {component} must not open a QUIC tunnel connection"
+        );
+    }
+    assert_eq!(opened(&w.ctx), 0);
+    // diego's gateway is admitted, and the route's allowed_peers decide.
+    let gateway = w.mesh.tls("diego", "gateway");
+    assert_eq!(h2_admits(w.ingress_addr, &gateway).await, Some(200));
+    assert_eq!(quic_admits(w.ingress_addr, &gateway).await, Some(200));
+    w.ingress.stop().await;
+
+    // A caller component added in the config is admitted at the handshake.
+    let mut cfg = ingress_cfg();
+    cfg.allowed_callers = vec![
+        "gateway".to_owned().try_into().unwrap(),
+        "dns-shim".to_owned().try_into().unwrap(),
+    ];
+    let (addr, ingress) = start_ingress(w.ctx.clone(), cfg).await;
+    assert_eq!(
+        h2_admits(addr, &w.mesh.tls("diego", "dns-shim")).await,
+        Some(200)
+    );
+    assert_eq!(
+        h2_admits(addr, &w.mesh.tls("diego", "route-sync")).await,
+        None
+    );
+    ingress.stop().await;
+}
+
+#[test]
+fn allowed_callers_are_parsed_and_validated() {
+    use isthmus_gateway::config::GatewayConfig;
+    use isthmus_runtime::config::{ConfigError, from_str};
+    let file = std::path::Path::new("gateway.yaml");
+    let head = "cluster: k8s\ntrust_domain: mesh.local\n\
+                tls: {cert: c.pem, key: k.pem, bundle: b.pem}\nroutes: {file: r.yaml}\n";
+    let cfg: GatewayConfig = from_str(&format!("{head}ingress: {{}}\n"), file).unwrap();
+    let policy = cfg.ingress.unwrap().caller_policy("mesh.local");
+    assert_eq!(
+        policy.to_string(),
+        "[component gateway of any cluster (spiffe://mesh.local/cluster/*/gateway)]"
+    );
+    let cfg: GatewayConfig = from_str(
+        &format!("{head}ingress: {{allowed_callers: [gateway, operator]}}\n"),
+        file,
+    )
+    .unwrap();
+    assert_eq!(cfg.ingress.unwrap().allowed_callers.len(), 2);
+
+    let err = from_str::<GatewayConfig>(
+        &format!("{head}ingress: {{allowed_callers: [\"a/b\"]}}\n"),
+        file,
+    )
+    .unwrap_err();
+    assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("ingress.allowed_callers"), "{text}");
+    assert!(text.contains("not a component name"), "{text}");
+
+    let err = from_str::<GatewayConfig>(&format!("{head}ingress: {{allowed_callers: []}}\n"), file)
+        .unwrap_err();
+    assert!(
+        matches!(&err, ConfigError::Invalid { field, .. } if field == "ingress.allowed_callers"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("admits nobody"), "{err}");
+}
+
 #[tokio::test]
 async fn handshakes_from_outside_the_mesh_are_refused_and_counted() {
     let w = world().await;
@@ -211,6 +328,36 @@ async fn handshakes_from_outside_the_mesh_are_refused_and_counted() {
     .await;
     assert_eq!(opened(&w.ctx), 0);
     w.ingress.stop().await;
+}
+
+#[tokio::test]
+async fn egress_refuses_a_dns_shim_posing_as_the_home_clusters_ingress() {
+    // A stolen k8s DNS-shim certificate serves the k8s peer endpoint: same cluster, same
+    // CA, but not a gateway. The egress must not send app bytes to it.
+    let (echo, _) = echo_backend("").await;
+    let mesh = Mesh::new();
+    let store = world_routes(echo, dead_port().await);
+    let impostor = isthmus_gateway::Context {
+        tls: mesh.tls("k8s", "dns-shim"),
+        ..mesh.context("k8s", &store)
+    };
+    let (addr, ingress) = start_ingress(impostor.clone(), ingress_cfg()).await;
+    let ctx = mesh.context("diego", &store);
+    let (entry, egress) = start_egress(
+        ctx.clone(),
+        egress_cfg(
+            "orders.apps.internal:8080",
+            vec![addr],
+            isthmus_gateway::config::Transport::Tcp,
+        ),
+    )
+    .await;
+    let r = within(round_trip(entry, b"secret")).await;
+    assert!(r.is_err() || r.unwrap().is_empty());
+    eventually(|| ctx.metrics.failed_total("peer_unreachable") == 1).await;
+    assert_eq!(opened(&impostor), 0, "no stream reached the impostor");
+    egress.stop().await;
+    ingress.stop().await;
 }
 
 #[tokio::test]

@@ -483,6 +483,56 @@ routes:
     running.stop().await;
 }
 
+/// The own-cluster path breaks the way a tunnel does: a local backend that resets mid-stream
+/// reaches the app as a reset, never as a clean end that would pass for a complete reply.
+#[tokio::test]
+async fn a_backend_reset_on_the_own_cluster_path_reaches_the_app_as_a_reset() {
+    // A backend that reads the request, sends half a reply, then resets.
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = backend.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(b"HTTP/1.0 200 OK\r\n\r\nhalf of a bo").await;
+                let _ = s.set_zero_linger();
+            });
+        }
+    });
+    let port = free_port();
+    let yaml = format!(
+        "routes:\n  - {{name: open.apps.internal, port: {port}, protocol: http, \
+         home_cluster: diego, exported: true, backends: [\"{backend_addr}\"]}}\n"
+    );
+    let mesh = Mesh::new();
+    let mut cfg = egress_to(dead_port().await, Transport::Tcp);
+    cfg.listen_address = Some("127.0.0.1".parse().unwrap());
+    let ctx = mesh.context("diego", &routes(&yaml));
+    let running = run_egress(ctx.clone(), cfg).await;
+    let shared = at("127.0.0.1", port);
+    eventually(|| std::net::TcpStream::connect(shared).is_ok()).await;
+
+    let mut s = TcpStream::connect(shared).await.unwrap();
+    let request = format!("GET / HTTP/1.0\r\nHost: open.apps.internal:{port}\r\n\r\n");
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let end = within(async {
+        let mut buf = [0u8; 256];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await;
+    let e = end.expect_err("the app saw a clean end of a reply its backend broke off");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    running.stop().await;
+}
+
 #[tokio::test]
 async fn slow_clients_cannot_hold_a_shared_port_open() {
     let mesh = Mesh::new();

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use isthmus_certs::{MeshTls, PeerPolicy, PeerRule};
+use isthmus_certs::{Component, MeshTls, PeerPolicy};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -23,7 +23,7 @@ use crate::table::RouteStore;
 /// Where a consumer's routes come from.
 #[derive(Clone)]
 pub struct RouteSyncSource {
-    /// This cluster (the route-sync must be a component of it).
+    /// This cluster (the server must prove it is this cluster's route-sync).
     pub cluster: ClusterName,
     /// The mesh trust domain.
     pub trust_domain: String,
@@ -110,10 +110,12 @@ async fn run(
     mut resume: (String, u64),
     cancel: CancellationToken,
 ) {
-    let policy = PeerPolicy::new(vec![PeerRule::TrustDomain {
-        trust_domain: src.trust_domain.clone(),
-        path_prefix: format!("/cluster/{}", src.cluster),
-    }]);
+    // The table comes only from our own cluster's route-sync, never another component.
+    let policy = PeerPolicy::component(
+        &src.trust_domain,
+        src.cluster.as_str(),
+        Component::ROUTE_SYNC,
+    );
     let tls = src.tls.client_config(policy, &[b"h2"]);
     let saver = src.cache.clone().map(|path| {
         let (tx, rx) = tokio::sync::watch::channel(Saved::default());

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use isthmus_certs::{MeshTls, PeerPolicy, PeerRule, TlsFiles};
+use isthmus_certs::{Component, MeshTls, PeerPolicy, TlsFiles};
 use isthmus_runtime::admin::{AdminServer, Health};
 use tokio_util::sync::CancellationToken;
 
@@ -128,10 +128,11 @@ pub async fn status(cfg: &RouteSyncConfig, server: Option<SocketAddr>) -> anyhow
     if addr.ip().is_unspecified() {
         addr.set_ip([127, 0, 0, 1].into());
     }
-    let policy = PeerPolicy::new(vec![PeerRule::TrustDomain {
-        trust_domain: cfg.trust_domain.clone(),
-        path_prefix: format!("/cluster/{}", cfg.cluster),
-    }]);
+    let policy = PeerPolicy::component(
+        &cfg.trust_domain,
+        cfg.cluster.as_str(),
+        Component::ROUTE_SYNC,
+    );
     let channel = crate::grpc::channel(addr, tls.client_config(policy, &[b"h2"]))?;
     let mut client = proto::route_sync_client::RouteSyncClient::new(channel);
     let reply = tokio::time::timeout(

@@ -215,3 +215,69 @@ pub fn policy_denied(e: &rustls::Error) -> Option<&PolicyDenied> {
         _ => None,
     }
 }
+
+/// A root CA made with rcgen directly, so that tests can give it any URI SAN (or none) and
+/// have it sign leaves of any trust domain, which [`MeshCa`] never does.
+pub struct RawCa {
+    pub pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl RawCa {
+    /// A root named `cn` whose URI SANs are `uris` (for example `["spiffe://b"]`; none at all
+    /// for a root that names no trust domain).
+    pub fn new(cn: &str, uris: &[&str]) -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        params.subject_alt_names = uris
+            .iter()
+            .map(|uri| SanType::URI((*uri).try_into().expect("uri")))
+            .collect();
+        let cert = params.self_signed(&key).expect("self-sign");
+        RawCa {
+            pem: cert.pem(),
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// A leaf carrying `spiffe_id` as its one URI SAN, valid for server and client auth.
+    pub fn leaf(&self, spiffe_id: &str) -> Identity {
+        use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, KeyPair, SanType};
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "leaf");
+        params.subject_alt_names = vec![SanType::URI(spiffe_id.try_into().expect("uri"))];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer).expect("sign");
+        Identity::from_pem(cert.pem().as_bytes(), key.serialize_pem().as_bytes())
+            .expect("leaf identity")
+    }
+}
+
+/// A bundle of the given PEM roots.
+pub fn bundle_of(pems: &[&str]) -> TrustBundle {
+    TrustBundle::from_pem(pems.concat().as_bytes()).expect("bundle")
+}
+
+/// The trust-domain refusal inside a rustls error, if that is what it is.
+pub fn anchor_refused(e: &rustls::Error) -> Option<&isthmus_certs::AnchorRefused> {
+    match e {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) => {
+            other.0.downcast_ref::<isthmus_certs::AnchorRefused>()
+        }
+        _ => None,
+    }
+}

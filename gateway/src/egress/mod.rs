@@ -535,6 +535,10 @@ async fn hairpin(
             "stream_error",
         );
         tracing::info!(route = %labels.route, "hairpinned connection broke: {e}");
+        // Both ends see a reset, as through a tunnel: a clean FIN would let a raw-TCP upload
+        // or an HTTP/1.0 body taken as complete.
+        reset(socket);
+        reset(backend);
     }
 }
 

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use isthmus_certs::{PeerPolicy, PeerRule};
+use isthmus_certs::{Component, PeerPolicy};
 use isthmus_route_sync::{ClusterName, Route};
 use prometheus_client::metrics::gauge::Gauge;
 use quinn::crypto::rustls::QuicClientConfig;
@@ -174,11 +174,10 @@ impl Pool {
         for peer in peers {
             let cluster = ClusterName::parse(&peer.cluster)
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-            // The ingress must prove it is a gateway of the cluster we mean to reach.
-            let policy = PeerPolicy::new(vec![PeerRule::TrustDomain {
-                trust_domain: ctx.trust_domain.clone(),
-                path_prefix: format!("/cluster/{cluster}"),
-            }]);
+            // The ingress must prove it is the gateway of the cluster we mean to reach: any
+            // other component of that cluster (its DNS shim, say) would see app bytes in clear.
+            let policy =
+                PeerPolicy::component(&ctx.trust_domain, cluster.as_str(), Component::GATEWAY);
             let tls = ctx.tls.client_config(policy.clone(), &[ALPN_H2]);
             let quic_cfg = if peer.transport == Transport::Quic {
                 let crypto =

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
-use isthmus_certs::{PeerPolicy, SpiffeId};
+use isthmus_certs::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::timeout;
@@ -66,9 +66,9 @@ impl Ingress {
     /// # Errors
     /// When either socket cannot be bound or the TLS configuration does not suit QUIC.
     pub async fn bind(ctx: Context, cfg: IngressConfig) -> io::Result<Self> {
-        // Handshake-level policy: any member of the mesh trust domain. Which member may reach
-        // which route is decided per stream, with the route in hand.
-        let policy = PeerPolicy::trust_domain(&ctx.trust_domain);
+        // Handshake-level policy: the allowed components (gateways by default) of any cluster.
+        // Which of them may reach which route is decided per stream, with the route in hand.
+        let policy = cfg.caller_policy(&ctx.trust_domain);
         let mut last_err = None;
         for _ in 0..16 {
             let tcp = TcpListener::bind(cfg.listen).await?;
@@ -131,7 +131,7 @@ impl Ingress {
         let _ = self.shared.shutdown.set(shutdown.clone());
         let tracker = TaskTracker::new();
         let tls = self.shared.ctx.tls.server_config(
-            PeerPolicy::trust_domain(&self.shared.ctx.trust_domain),
+            self.shared.cfg.caller_policy(&self.shared.ctx.trust_domain),
             &[ALPN_H2],
         );
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);

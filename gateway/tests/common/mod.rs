@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use isthmus_certs::ca::{LeafSpec, MeshCa};
-use isthmus_certs::{MeshTls, PeerPolicy};
+use isthmus_certs::{Component, MeshTls, PeerPolicy};
 use isthmus_gateway::Context;
 use isthmus_gateway::config::{EgressConfig, IngressConfig, PeerConfig, Transport};
 use isthmus_gateway::egress::Egress;
@@ -197,10 +197,7 @@ impl RawH2 {
         tls: &MeshTls,
         server_cluster: &str,
     ) -> std::io::Result<Self> {
-        let policy = PeerPolicy::new(vec![isthmus_certs::PeerRule::TrustDomain {
-            trust_domain: TD.into(),
-            path_prefix: format!("/cluster/{server_cluster}"),
-        }]);
+        let policy = PeerPolicy::component(TD, server_cluster, Component::GATEWAY);
         let cfg = tls.client_config(policy, &[b"h2"]);
         let tcp = TcpStream::connect(addr).await?;
         let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
@@ -300,10 +297,7 @@ impl RawQuic {
         tls: &MeshTls,
         server_cluster: &str,
     ) -> Result<Self, String> {
-        let policy = PeerPolicy::new(vec![isthmus_certs::PeerRule::TrustDomain {
-            trust_domain: TD.into(),
-            path_prefix: format!("/cluster/{server_cluster}"),
-        }]);
+        let policy = PeerPolicy::component(TD, server_cluster, Component::GATEWAY);
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(
             tls.client_config(policy, &[b"isthmus/1"]),
         )

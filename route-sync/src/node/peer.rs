@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use isthmus_certs::{PeerPolicy, PeerRule};
+use isthmus_certs::{Component, PeerPolicy};
 use tokio_util::sync::CancellationToken;
 
 use super::{Shared, lock};
@@ -18,10 +18,12 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 pub(super) async fn run(shared: Arc<Shared>, index: usize, cancel: CancellationToken) {
     let (spec, _) = &shared.peers[index];
-    let policy = PeerPolicy::new(vec![PeerRule::TrustDomain {
-        trust_domain: shared.settings.trust_domain.clone(),
-        path_prefix: format!("/cluster/{}", spec.cluster),
-    }]);
+    // Only the peer's route-sync speaks for its routes; its gateway or shim must not.
+    let policy = PeerPolicy::component(
+        &shared.settings.trust_domain,
+        spec.cluster.as_str(),
+        Component::ROUTE_SYNC,
+    );
     let tls = shared.settings.tls.client_config(policy, &[b"h2"]);
     let mut backoff = Duration::from_millis(100);
     let mut attempt = 0usize;

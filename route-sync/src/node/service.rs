@@ -1,18 +1,21 @@
-//! The RouteSync gRPC service. What a caller sees follows from its verified identity:
-//! - a component of this cluster gets the merged table, local backends included;
-//! - a configured peer cluster gets only the routes homed here, exported, and whose
-//!   `allowed_peers` could admit a caller of that cluster, without backends (so imported
-//!   routes are never exported again: no loops), and a `Status` of only that view;
-//! - anyone else is refused.
-
+//! The RouteSync gRPC service. What a caller sees follows from its verified identity, by
+//! component (`view_for`):
+//! - this cluster's gateway and DNS shim get the merged table, local backends included; this
+//!   cluster's route-sync identity (the `status` command) may ask for Status only;
+//! - a configured peer cluster's route-sync gets only the routes homed here, exported, and
+//!   whose `allowed_peers` could admit a caller of that cluster, without backends (so
+//!   imported routes are never exported again: no loops), and a `Status` of only that view;
+//! - anyone else, other components of this cluster and of peers included, is refused.
 use std::pin::Pin;
 use std::sync::Arc;
 
 use futures_util::Stream;
 use tonic::{Request, Response, Status};
 
+use isthmus_certs::{Component, PeerPolicy, PeerRule, PolicyDenied, SpiffeId};
+
 use super::peer::now_ms;
-use super::{Shared, lock};
+use super::{NodeSettings, Shared, lock};
 use crate::grpc::Caller;
 use crate::model::{ClusterName, Route, RouteKey};
 use crate::proto;
@@ -37,27 +40,80 @@ impl RouteSyncService {
         Self { shared }
     }
 
-    fn view<T>(&self, request: &Request<T>) -> Result<View, Status> {
+    /// What the verified caller of `call` may see, or a PermissionDenied naming its ID and
+    /// the identities that would have been allowed.
+    fn view<T>(&self, request: &Request<T>, call: Call) -> Result<View, Status> {
         let Some(Caller(id)) = request.extensions().get::<Caller>() else {
             return Err(Status::unauthenticated("no verified identity"));
         };
-        let settings = &self.shared.settings;
-        if id.trust_domain() != settings.trust_domain {
-            return Err(Status::permission_denied(format!(
-                "{id} is outside the trust domain"
-            )));
+        view_for(&self.shared.settings, id, call).map_err(|denied| {
+            tracing::warn!(caller = %id, call = call.name(), "route-sync refused a caller: {denied}");
+            Status::permission_denied(format!("{}: {denied}", call.name()))
+        })
+    }
+}
+
+/// The RPC a caller makes; what it may see depends on it as well as on who it is.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Call {
+    Watch,
+    List,
+    Status,
+}
+
+impl Call {
+    fn name(self) -> &'static str {
+        match self {
+            Call::Watch => "Watch",
+            Call::List => "List",
+            Call::Status => "Status",
         }
-        match id.cluster() {
-            Some(c) if c == settings.cluster.as_str() => Ok(View::Local),
-            Some(c) if settings.peers.iter().any(|p| p.cluster.as_str() == c) => Ok(View::Peer),
-            _ => {
-                tracing::warn!(caller = %id, "route-sync refused a caller that is neither local nor a configured peer");
-                Err(Status::permission_denied(format!(
-                    "{id} is neither a component of cluster {} nor a configured peer",
-                    settings.cluster
-                )))
-            }
+    }
+
+    /// The components of this cluster served by `self`: the gateway and the DNS shim consume
+    /// the table; route-sync's own identity (which `isthmus-route-sync status` presents) only
+    /// asks for Status. Any other component of this cluster gets nothing.
+    fn local_components(self) -> Vec<Component> {
+        match self {
+            Call::Watch | Call::List => vec![Component::GATEWAY, Component::DNS_SHIM],
+            Call::Status => vec![
+                Component::GATEWAY,
+                Component::DNS_SHIM,
+                Component::ROUTE_SYNC,
+            ],
         }
+    }
+}
+
+/// Pure decision: a caller is served by its component, not by its cluster alone. A local
+/// consumer gets the local view; a configured peer's route-sync (and nothing else of that
+/// cluster: a stolen gateway or shim certificate must not import routes) gets the peer view.
+fn view_for(settings: &NodeSettings, id: &SpiffeId, call: Call) -> Result<View, PolicyDenied> {
+    let td = settings.trust_domain.as_str();
+    let local =
+        PeerPolicy::components(td, Some(settings.cluster.as_str()), call.local_components());
+    let peer_route_sync = |cluster: &str| PeerRule::Component {
+        trust_domain: td.to_owned(),
+        cluster: Some(cluster.to_owned()),
+        component: Component::ROUTE_SYNC,
+    };
+    let rules: Vec<(PeerRule, View)> = local
+        .rules()
+        .iter()
+        .map(|rule| (rule.clone(), View::Local))
+        .chain(
+            settings
+                .peers
+                .iter()
+                .map(|p| (peer_route_sync(p.cluster.as_str()), View::Peer)),
+        )
+        .collect();
+    match rules.iter().find(|(rule, _)| rule.matches(id)) {
+        Some((_, view)) => Ok(*view),
+        None => Err(PolicyDenied {
+            presented: id.clone(),
+            policy: PeerPolicy::new(rules.into_iter().map(|(rule, _)| rule).collect()).to_string(),
+        }),
     }
 }
 
@@ -240,7 +296,7 @@ impl proto::route_sync_server::RouteSync for RouteSyncService {
         &self,
         request: Request<proto::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let view = Audience::of(self.view(&request)?, &request)?;
+        let view = Audience::of(self.view(&request, Call::Watch)?, &request)?;
         let req = request.into_inner();
         let shared = Arc::clone(&self.shared);
         let (tx, rx): (UpdateSender, _) = tokio::sync::mpsc::channel(8);
@@ -310,7 +366,7 @@ impl proto::route_sync_server::RouteSync for RouteSyncService {
         &self,
         request: Request<proto::ListRequest>,
     ) -> Result<Response<proto::Update>, Status> {
-        let view = Audience::of(self.view(&request)?, &request)?;
+        let view = Audience::of(self.view(&request, Call::List)?, &request)?;
         let table = self.shared.merged.snapshot();
         let mut u = header(&self.shared, table.revision());
         u.snapshot = true;
@@ -325,7 +381,7 @@ impl proto::route_sync_server::RouteSync for RouteSyncService {
         &self,
         request: Request<proto::StatusRequest>,
     ) -> Result<Response<proto::StatusReply>, Status> {
-        let view = Audience::of(self.view(&request)?, &request)?;
+        let view = Audience::of(self.view(&request, Call::Status)?, &request)?;
         Ok(Response::new(match view {
             Audience::Local => status(&self.shared),
             peer @ Audience::Peer(_) => peer_status(&self.shared, &peer),

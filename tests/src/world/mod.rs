@@ -573,10 +573,11 @@ impl World {
             "gateway",
             Duration::from_secs(600),
         ))?;
-        let policy = isthmus_certs::PeerPolicy::new(vec![isthmus_certs::PeerRule::TrustDomain {
-            trust_domain: TRUST_DOMAIN.into(),
-            path_prefix: format!("/cluster/{c}"),
-        }]);
+        let policy = isthmus_certs::PeerPolicy::component(
+            TRUST_DOMAIN,
+            c.name(),
+            isthmus_certs::Component::GATEWAY,
+        );
         let connector = tokio_rustls::TlsConnector::from(tls.client_config(policy, &[b"h2"]));
         let addr = self.plan.public_at(c, host::INGRESS + i, port::INGRESS);
         let stream = self
