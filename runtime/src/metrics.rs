@@ -91,24 +91,26 @@ impl CertificateMetrics {
     }
 
     fn encode_at(&self, mut encoder: DescriptorEncoder<'_>, now_unix: f64) -> std::fmt::Result {
-        let mut expiry = encoder.encode_descriptor(
-            CERTIFICATE_EXPIRY,
-            "Seconds until the certificate in use expires (negative once it has)",
-            None,
-            ConstGauge::new(0.0).metric_type(),
-        )?;
-        for w in &self.watched {
-            let identity = w.tls.identity();
-            let labels = CertLabels {
-                component: w.component.clone(),
-                file: w.file.clone(),
-                spiffe_id: identity.id().to_string(),
-            };
-            // Whole seconds are all an X.509 validity carries.
-            let left = identity.not_after().unix_timestamp() as f64 - now_unix.floor();
-            ConstGauge::new(left).encode(expiry.encode_family(&labels)?)?;
+        // Each descriptor borrows the encoder until its samples are written.
+        {
+            let mut expiry = encoder.encode_descriptor(
+                CERTIFICATE_EXPIRY,
+                "Seconds until the certificate in use expires (negative once it has)",
+                None,
+                ConstGauge::new(0.0).metric_type(),
+            )?;
+            for w in &self.watched {
+                let identity = w.tls.identity();
+                let labels = CertLabels {
+                    component: w.component.clone(),
+                    file: w.file.clone(),
+                    spiffe_id: identity.id().to_string(),
+                };
+                // Whole seconds are all an X.509 validity carries.
+                let left = identity.not_after().unix_timestamp() as f64 - now_unix.floor();
+                ConstGauge::new(left).encode(expiry.encode_family(&labels)?)?;
+            }
         }
-        drop(expiry);
         let mut failures = encoder.encode_descriptor(
             CERTIFICATE_RELOAD_FAILURES.trim_end_matches("_total"),
             "Certificate reloads that failed and kept the previous material",
