@@ -51,6 +51,8 @@ impl Server {
     pub async fn build(cfg: &DnsShimConfig) -> anyhow::Result<Self> {
         let routes = RouteStore::new();
         let health = Health::new();
+        // The shim holds a mesh certificate only when it follows route-sync.
+        let mut certificates = isthmus_runtime::metrics::CertificateMetrics::new();
         let source = match (&cfg.routes.file, &cfg.routes.route_sync) {
             (Some(file), _) => {
                 let source = FileSource::new(file);
@@ -72,6 +74,7 @@ impl Server {
                 let files = rs.tls.files();
                 let tls = isthmus_certs::MeshTls::load(&files)
                     .context("loading the shim's mesh certificates")?;
+                certificates = certificates.add("dns-shim", &files, &tls);
                 // Not ready until route-sync (or the cache) gave a table.
                 health.set_not_ready("waiting for route-sync");
                 Source::RouteSync(
@@ -92,6 +95,7 @@ impl Server {
         let metrics = Metrics::default();
         let mut registry = Registry::default();
         metrics.register(&mut registry);
+        certificates.register(&mut registry);
         let settings = Settings::from_config(cfg).context("configuration")?;
         let shim = DnsShim::bind(settings, routes.clone(), metrics)
             .await

@@ -139,13 +139,14 @@ impl Metrics {
             "Connections that failed to connect or broke mid-stream, by reason",
             self.failed.clone(),
         );
+        // Unit before `_total`, as Prometheus names counters of bytes.
         r.register(
-            "bytes_to_backend",
+            "to_backend_bytes",
             "Bytes carried from callers towards backends",
             self.bytes_to_backend.clone(),
         );
         r.register(
-            "bytes_from_backend",
+            "from_backend_bytes",
             "Bytes carried from backends towards callers",
             self.bytes_from_backend.clone(),
         );

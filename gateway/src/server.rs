@@ -89,6 +89,9 @@ impl Gateway {
         let metrics = Metrics::default();
         let mut registry = Registry::default();
         metrics.register(&mut registry);
+        isthmus_runtime::metrics::CertificateMetrics::new()
+            .add("gateway", &tls_files, &tls)
+            .register(&mut registry);
         let ctx = Context {
             cluster: ClusterName::parse(&cfg.cluster).context("cluster")?,
             trust_domain: cfg.trust_domain.clone(),

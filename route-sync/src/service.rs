@@ -69,6 +69,9 @@ pub async fn run(cfg: RouteSyncConfig, stop: CancellationToken) -> anyhow::Resul
         .with_context(|| format!("binding route-sync gRPC on {}", cfg.listen))?;
     let mut registry = prometheus_client::registry::Registry::default();
     node.metrics().register(&mut registry);
+    isthmus_runtime::metrics::CertificateMetrics::new()
+        .add("route-sync", &files, &tls)
+        .register(&mut registry);
     let health = Health::new();
     let admin = AdminServer::bind(cfg.admin.listen, Arc::new(registry), health.clone())
         .await

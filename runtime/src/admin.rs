@@ -9,7 +9,9 @@
 //! |---------------|---------------------------------------------------------------|
 //! | `GET /healthz`| `200 ok` (`ok (stale)` while serving last-known-good data)    |
 //! | `GET /readyz` | `200 ready`, or `503 not ready: <reason>`                     |
-//! | `GET /metrics`| `200` with the registry in OpenMetrics text                   |
+//! | `GET /metrics`| `200` with the registry: OpenMetrics text when the `Accept`   |
+//! |               | header asks for it (as Prometheus does), else Prometheus text |
+//! |               | format 0.0.4 (`curl`, `promtool check metrics`, older agents) |
 //! | other path    | `404`                                                         |
 //! | other method  | `405` on the paths above                                      |
 
@@ -19,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{ALLOW, CONTENT_TYPE, HeaderValue};
+use http::header::{ACCEPT, ALLOW, CONTENT_TYPE, HeaderValue};
 use http::{Method, Response, StatusCode};
 use http_body_util::Full;
 use hyper::server::conn::http1;
@@ -43,6 +45,7 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
 const TEXT: &str = "text/plain; charset=utf-8";
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Health a process reports on `/healthz` and `/readyz`; cheap to clone, all clones share state.
 ///
@@ -235,7 +238,12 @@ async fn serve_connection(
     cancel: CancellationToken,
 ) {
     let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
-        let response = respond(&state, request.method(), request.uri().path());
+        let openmetrics = request
+            .headers()
+            .get_all(ACCEPT)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(wants_openmetrics));
+        let response = respond(&state, request.method(), request.uri().path(), openmetrics);
         std::future::ready(Ok::<_, Infallible>(response))
     });
     let connection = http1::Builder::new()
@@ -257,7 +265,7 @@ async fn serve_connection(
 }
 
 /// The whole routing table; synchronous so it cannot hold the runtime up.
-fn respond(state: &State, method: &Method, path: &str) -> Response<Full<Bytes>> {
+fn respond(state: &State, method: &Method, path: &str, openmetrics: bool) -> Response<Full<Bytes>> {
     if !matches!(path, "/healthz" | "/readyz" | "/metrics") {
         return text(StatusCode::NOT_FOUND, "not found\n".to_owned());
     }
@@ -281,14 +289,33 @@ fn respond(state: &State, method: &Method, path: &str) -> Response<Full<Bytes>> 
                 format!("not ready: {reason}\n"),
             ),
         },
-        _ => metrics(&state.registry),
+        _ => metrics(&state.registry, openmetrics),
     }
 }
 
-fn metrics(registry: &Registry) -> Response<Full<Bytes>> {
+/// Whether an `Accept` value lists OpenMetrics text with a non-zero quality.
+fn wants_openmetrics(accept: &str) -> bool {
+    accept.split(',').any(|range| {
+        let mut parts = range.split(';').map(str::trim);
+        let kind = parts.next().unwrap_or("");
+        kind.eq_ignore_ascii_case("application/openmetrics-text")
+            && !parts.any(|p| {
+                p.strip_prefix("q=")
+                    .and_then(|q| q.parse::<f32>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            })
+    })
+}
+
+fn metrics(registry: &Registry, openmetrics: bool) -> Response<Full<Bytes>> {
     let mut body = String::new();
     match prometheus_client::encoding::text::encode(&mut body, registry) {
-        Ok(()) => with_type(StatusCode::OK, OPENMETRICS, body),
+        Ok(()) if openmetrics => with_type(StatusCode::OK, OPENMETRICS, body),
+        Ok(()) => with_type(
+            StatusCode::OK,
+            PROMETHEUS_TEXT,
+            crate::metrics::prometheus_text(&body),
+        ),
         Err(error) => {
             // Only a custom metric's encoder can fail; say so instead of sending half a page.
             tracing::error!(%error, "cannot encode metrics");
@@ -320,6 +347,19 @@ fn with_type(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn openmetrics_only_when_asked_for() {
+        // What Prometheus 2.x sends by default.
+        assert!(wants_openmetrics(
+            "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+             version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+        ));
+        assert!(wants_openmetrics("Application/OpenMetrics-Text"));
+        assert!(!wants_openmetrics("application/openmetrics-text;q=0"));
+        assert!(!wants_openmetrics("text/plain;version=0.0.4"));
+        assert!(!wants_openmetrics("*/*"));
+    }
 
     #[test]
     fn health_starts_live_but_not_ready() {

@@ -8,7 +8,9 @@
 //! - [`telemetry`]: one `tracing` subscriber, text or JSON, on stderr;
 //! - [`shutdown`]: SIGTERM/SIGINT start a graceful drain, a second one exits at once; drain with a
 //!   deadline;
-//! - [`admin`]: the `/healthz`, `/readyz` and `/metrics` HTTP endpoint.
+//! - [`admin`]: the `/healthz`, `/readyz` and `/metrics` HTTP endpoint;
+//! - [`metrics`]: what every binary's `/metrics` shows the same way (certificate expiry and
+//!   reload failures) and the Prometheus text form of the registry.
 //!
 //! It must never read process environment (binaries parse flags and pass values in), never touch
 //! data-plane sockets, and never do blocking work on the async runtime: the admin server shares
@@ -18,5 +20,6 @@
 
 pub mod admin;
 pub mod config;
+pub mod metrics;
 pub mod shutdown;
 pub mod telemetry;

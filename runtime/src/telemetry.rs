@@ -1,8 +1,10 @@
 //! Logging: one global `tracing` subscriber writing text or JSON lines to stderr.
 //!
 //! stdout is left to the program (and to tools that pipe it); container runtimes collect stderr
-//! just the same. The filter comes from the caller, usually a `--log` flag, never from `RUST_LOG`:
-//! library code does not read the environment.
+//! just the same. [`init`] takes its filter as a value and reads no environment, so a test or a
+//! library caller gets exactly the filter it passes. Only [`init_or_exit`], which a binary's
+//! `main` calls at the edge, reads `$RUST_LOG`, and only when no `--log` flag was given: the
+//! flag wins, then `$RUST_LOG`, then `info`.
 
 use std::fmt;
 use std::io::IsTerminal as _;

@@ -74,10 +74,16 @@ struct Reply {
 
 /// Sends one request with `Connection: close` and reads the whole reply.
 async fn request(addr: SocketAddr, method: &str, path: &str) -> Reply {
+    request_with(addr, method, path, "").await
+}
+
+/// As [`request`], with `headers` (each line ending in `\r\n`) added.
+async fn request_with(addr: SocketAddr, method: &str, path: &str, headers: &str) -> Reply {
     timeout(LIMIT, async {
         let mut stream = TcpStream::connect(addr).await.expect("connect");
-        let request =
-            format!("{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n{headers}\r\n"
+        );
         stream.write_all(request.as_bytes()).await.expect("write");
         let mut raw = Vec::new();
         stream.read_to_end(&mut raw).await.expect("read");
@@ -148,7 +154,7 @@ async fn readyz_is_503_with_reason_until_ready() {
 }
 
 #[tokio::test]
-async fn metrics_shows_a_registered_counter() {
+async fn metrics_shows_a_registered_counter_in_the_format_asked_for() {
     let mut registry = Registry::default();
     let accepted = Counter::<u64>::default();
     registry.register(
@@ -160,7 +166,10 @@ async fn metrics_shows_a_registered_counter() {
 
     accepted.inc_by(41);
     accepted.inc();
-    let reply = request(admin.addr, "GET", "/metrics").await;
+    // Prometheus asks for OpenMetrics and gets it.
+    let accept =
+        "Accept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5\r\n";
+    let reply = request_with(admin.addr, "GET", "/metrics", accept).await;
     assert_eq!(reply.status, 200);
     assert!(
         reply
@@ -170,11 +179,36 @@ async fn metrics_shows_a_registered_counter() {
         reply.head
     );
     assert!(
+        reply
+            .body
+            .contains("# TYPE isthmus_test_accepted counter\n"),
+        "{}",
+        reply.body
+    );
+    assert!(
         reply.body.contains("isthmus_test_accepted_total 42\n"),
         "{}",
         reply.body
     );
     assert!(reply.body.ends_with("# EOF\n"), "{}", reply.body);
+
+    // Anyone else (curl, promtool, older agents) gets Prometheus text 0.0.4, where a counter
+    // family carries the name of its samples.
+    let reply = request(admin.addr, "GET", "/metrics").await;
+    assert_eq!(reply.status, 200);
+    assert!(
+        reply
+            .head
+            .contains("content-type: text/plain; version=0.0.4; charset=utf-8"),
+        "{}",
+        reply.head
+    );
+    assert_eq!(
+        reply.body,
+        "# HELP isthmus_test_accepted_total Connections accepted.\n\
+         # TYPE isthmus_test_accepted_total counter\n\
+         isthmus_test_accepted_total 42\n"
+    );
     admin.stop().await;
 }
 

@@ -1,5 +1,6 @@
-//! Behaviour that ends or signals the whole process: `config::load_or_exit`'s exit status and the
-//! signal handler's first and second signal.
+//! Behaviour that ends or signals the whole process: `config::load_or_exit`'s exit status, the
+//! signal handler's first and second signal, and where `telemetry::init_or_exit` takes its
+//! filter from (`--log`, then `$RUST_LOG`).
 //!
 //! Each case runs in a child process: the test binary re-runs itself for one `child_*` test, with
 //! `CHILD_VAR` set to tell that test it is the child. Without the variable a `child_*` test returns
@@ -20,12 +21,21 @@ const LIMIT: Duration = Duration::from_secs(10);
 
 /// Runs the single test `name` of this binary in a child process, passing `arg` in `CHILD_VAR`.
 fn run_child(name: &str, arg: &str) -> Output {
+    run_child_with(name, arg, &[])
+}
+
+/// As [`run_child`], with `env` added to the child's environment.
+fn run_child_with(name: &str, arg: &str, env: &[(&str, &str)]) -> Output {
     let exe = std::env::current_exe().expect("current test binary");
-    Command::new(exe)
+    let mut command = Command::new(exe);
+    command
         .args([name, "--exact", "--nocapture", "--test-threads=1"])
         .env(CHILD_VAR, arg)
-        .output()
-        .expect("run child test process")
+        .env_remove("RUST_LOG");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.output().expect("run child test process")
 }
 
 /// The value of `CHILD_VAR`, if this process is a child started by `run_child`.
@@ -108,6 +118,40 @@ fn child_load_or_exit() {
     let Some(path) = child_arg() else { return };
     let _: Minimal = config::load_or_exit(Path::new(&path));
     panic!("load_or_exit returned for a bad config");
+}
+
+#[test]
+fn init_or_exit_takes_the_flag_then_rust_log() {
+    // No flag: $RUST_LOG is the filter, so a bad one is refused with status 64.
+    let bad = "isthmus=[";
+    let output = run_child_with("child_init_or_exit", "", &[("RUST_LOG", bad)]);
+    assert_eq!(
+        output.status.code(),
+        Some(EXIT_CONFIG),
+        "{}",
+        describe(&output)
+    );
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains(&format!("invalid log filter {bad:?}")),
+        "{}",
+        describe(&output)
+    );
+    // A flag wins over $RUST_LOG.
+    let output = run_child_with("child_init_or_exit", "warn", &[("RUST_LOG", bad)]);
+    assert!(output.status.success(), "{}", describe(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("logging initialised"),
+        "{}",
+        describe(&output)
+    );
+}
+
+#[test]
+fn child_init_or_exit() {
+    let Some(flag) = child_arg() else { return };
+    let flag = (!flag.is_empty()).then_some(flag);
+    isthmus_runtime::telemetry::init_or_exit(isthmus_runtime::telemetry::LogFormat::Text, flag);
+    println!("logging initialised");
 }
 
 #[test]

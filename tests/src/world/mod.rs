@@ -545,6 +545,22 @@ impl World {
         }
     }
 
+    /// What a process's admin server answers on `/metrics` (Prometheus text format).
+    ///
+    /// # Errors
+    /// The admin server does not answer, or answers other than 200.
+    pub async fn metrics(&self, name: &str) -> anyhow::Result<String> {
+        let (c, admin) = self.admin_of(name);
+        let (status, body) = self
+            .net(c)
+            .run(async move { http_get(admin, "/metrics").await })
+            .await?;
+        if status != 200 {
+            bail!("{name}: GET /metrics at {admin} answered {status}: {body}");
+        }
+        Ok(body)
+    }
+
     /// Issues a new leaf certificate (new key, new serial) for a process and writes it over
     /// the old one, as cert-manager or BOSH would. Returns the new serial.
     ///
