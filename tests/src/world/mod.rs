@@ -170,6 +170,20 @@ struct ClusterState {
     instances: HashMap<App, Instance>,
     generation: HashMap<App, usize>,
     exported: BTreeMap<App, SocketAddr>,
+    /// Routes besides the apps', as a test sets them ([`World::set_extra_routes`]).
+    extra: Vec<ExtraRoute>,
+}
+
+/// A route a test adds to a cluster's route file besides the apps': homed and exported
+/// there, callable from the other cluster, raw TCP (recognised only by its VIP).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExtraRoute {
+    /// The route name.
+    pub name: String,
+    /// The route port.
+    pub port: u16,
+    /// Its one backend.
+    pub backend: SocketAddr,
 }
 
 /// A running two-cluster world. Dropping it kills every process and removes namespaces.
@@ -244,6 +258,7 @@ impl World {
                     instances: HashMap::new(),
                     generation: HashMap::new(),
                     exported: BTreeMap::new(),
+                    extra: Vec::new(),
                 },
             );
         }
@@ -298,6 +313,18 @@ impl World {
             .join(format!("state/{c}-{component}-routes.pb"))
     }
 
+    /// Replaces the extra routes of `c`'s route file (see [`ExtraRoute`]) and rewrites it.
+    ///
+    /// # Errors
+    /// The file cannot be written.
+    pub fn set_extra_routes(&mut self, c: Cluster, routes: Vec<ExtraRoute>) -> anyhow::Result<()> {
+        self.clusters
+            .get_mut(&c)
+            .expect("both clusters exist")
+            .extra = routes;
+        self.write_routes(c)
+    }
+
     /// A process by name.
     ///
     /// # Panics
@@ -326,15 +353,16 @@ impl World {
 
     /// The VIP range of `c`, if it answers names homed elsewhere with per-route VIPs.
     ///
-    /// diego does (`127.<id>.1.128/25`, on the cluster's loopback, bound per VIP by the
-    /// egress): the raw-TCP `echo` route it calls can be told apart only by its address.
+    /// diego does (`127.<id>.128.0/17`, 32,766 VIPs on the cluster's loopback, bound per VIP
+    /// by the egress): the raw-TCP `echo` route it calls can be told apart only by its
+    /// address.
     /// k8s answers the one shared egress address, and its egress tells routes apart by
     /// Host header or SNI, so the world runs both ways of identifying a connection.
     pub fn vip_range(&self, c: Cluster) -> Option<isthmus_route_sync::vip::VipRange> {
         match c {
             Cluster::Diego => {
-                let base = self.plan.private(c, host::VIPS);
-                isthmus_route_sync::vip::VipRange::parse(&format!("{base}/25")).ok()
+                isthmus_route_sync::vip::VipRange::parse(&format!("127.{}.128.0/17", self.plan.id))
+                    .ok()
             }
             Cluster::K8s => None,
         }
@@ -680,7 +708,17 @@ impl World {
                 c.other(),
             ));
         }
-        if self.clusters[&c].exported.is_empty() {
+        for r in &self.clusters[&c].extra {
+            yaml.push_str(&format!(
+                "  - {{name: {}, port: {}, protocol: tcp, home_cluster: {c}, exported: true, \
+                 allowed_peers: [\"cluster:{}\"], backends: [\"{}\"]}}\n",
+                r.name,
+                r.port,
+                c.other(),
+                r.backend,
+            ));
+        }
+        if self.clusters[&c].exported.is_empty() && self.clusters[&c].extra.is_empty() {
             yaml = "routes: []\n".into();
         }
         let path = self.routes_file(c);

@@ -69,8 +69,6 @@ pub mod host {
     pub const PLATFORM_DNS: u8 = 8;
     /// App instances from here up.
     pub const APPS: u8 = 10;
-    /// VIPs, where a cluster has them: `.128/25` (`.129` to `.254`).
-    pub const VIPS: u8 = 128;
 }
 
 /// Ports, the same in every cluster (each component has its own address).
