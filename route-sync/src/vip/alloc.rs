@@ -7,9 +7,8 @@
 //!
 //! # Rules
 //!
-//! - A new name takes its preferred slot (the FNV-1a slot [`super::VipMap`] uses, so a first
-//!   allocation over an empty range gives the same addresses) or the next free one after it,
-//!   wrapping around.
+//! - A new name takes its preferred slot (the FNV-1a slot of its name, see the
+//!   [module docs](super)) or the next free one after it, wrapping around.
 //! - A name that leaves the table keeps its VIP *held* for `hold`: nobody else gets it, and
 //!   the name gets it back if it returns in time. Held VIPs are handed to new names only when
 //!   no free one is left, oldest hold first; a hold that ran out makes the VIP free.
