@@ -14,14 +14,13 @@ use isthmus_dns_shim::snapshot::{AnswerMode, Snapshot};
 use isthmus_dns_shim::upstream::Upstream;
 use isthmus_dns_shim::upstream::dns::DnsUpstream;
 use isthmus_route_sync::source::file::parse;
-use isthmus_route_sync::vip::VipRange;
 use isthmus_route_sync::{ClusterName, RouteName, RouteStore};
 use libfuzzer_sys::fuzz_target;
 
 const TABLE: &str = r#"
 routes:
   - {name: orders.apps.internal, port: 8080, home_cluster: k8s, exported: true,
-     allowed_peers: [cluster:diego]}
+     allowed_peers: [cluster:diego], vip: 100.64.0.5}
   - {name: billing.apps.internal, port: 443, protocol: tls, home_cluster: k8s, exported: true,
      allowed_peers: [cluster:diego]}
   - {name: local.apps.internal, port: 8080, home_cluster: diego, exported: true,
@@ -41,13 +40,14 @@ fn engines() -> &'static [Engine; 2] {
         let table = store.snapshot();
         let local = ClusterName::parse("diego").expect("cluster");
         let domains = [RouteName::parse("apps.internal").expect("domain")];
-        let vip = AnswerMode::Vip(VipRange::parse("100.64.0.0/16").expect("range"));
+        // In VIP mode, orders carries a VIP and billing none (answered SERVFAIL).
+        let vip = AnswerMode::Vip;
         let shared = AnswerMode::Shared {
             v4: vec![Ipv4Addr::new(10, 0, 0, 7)],
             v6: vec!["fd00::7".parse().expect("v6")],
         };
         [vip, shared].map(|mode| {
-            let snapshot = Snapshot::build(&table, &local, &mode, &Snapshot::empty()).snapshot;
+            let snapshot = Snapshot::build(&table, &local, &mode);
             let settings = EngineSettings {
                 policy: Policy::new(&domains, &mode, 0, 30),
                 edns_udp_payload: 1232,
