@@ -117,8 +117,10 @@ impl Server {
     /// Serves until `shutdown`, then drains for at most the configured drain timeout.
     pub async fn run(self, shutdown: CancellationToken) {
         let background = CancellationToken::new();
+        let mut file_stats = None;
         match self.source {
             Source::File(file) => {
+                file_stats = Some(file.stats());
                 let _watcher = file.watch(self.routes.clone(), self.poll, background.clone());
             }
             Source::RouteSync(rs, files, tls_poll) => {
@@ -140,14 +142,28 @@ impl Server {
         if health.is_ready() || health.not_ready_reason().as_deref() == Some("starting") {
             health.set_ready();
         } else {
-            // Ready once the route file has loaded.
+            // Ready once the route file has loaded: a table change shows it, or the source's
+            // count of good loads when the file holds no routes (`routes: []` changes no
+            // table).
             let mut watch = self.routes.subscribe();
             let (h, stop) = (health.clone(), background.clone());
+            let mut tick = tokio::time::interval(self.poll);
             tokio::spawn(async move {
-                tokio::select! {
-                    () = stop.cancelled() => {}
-                    _ = watch.changed() => h.set_ready(),
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        _ = watch.changed() => break,
+                        _ = tick.tick() => {
+                            let good = file_stats.as_ref().is_some_and(|s| {
+                                s.loads_ok.load(std::sync::atomic::Ordering::Relaxed) > 0
+                            });
+                            if good {
+                                break;
+                            }
+                        }
+                    }
                 }
+                h.set_ready();
             });
         }
         let mut dns = tokio::spawn(self.shim.run(shutdown.clone()));

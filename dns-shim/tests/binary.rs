@@ -95,3 +95,69 @@ fn invalid_files_exit_64_naming_the_field() {
         assert!(stderr.contains(field), "{field} not named in: {stderr}");
     }
 }
+
+/// A route file missing at start keeps the shim not ready (it would forward every name);
+/// once the file appears, even as an empty table (`routes: []`, which changes nothing in
+/// the store), the shim turns ready.
+#[test]
+fn a_route_file_that_appears_empty_after_start_makes_the_shim_ready() {
+    use std::io::{Read as _, Write as _};
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let routes = dir.path().join("routes.yaml");
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let cfg = dir.path().join("dns-shim.yaml");
+    std::fs::write(
+        &cfg,
+        GOOD.replace(
+            "routes: {file: routes.yaml}",
+            &format!(
+                "routes: {{file: {}, poll_interval: 50ms}}\nadmin: {{listen: \"{admin}\"}}",
+                routes.display()
+            ),
+        ),
+    )
+    .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _shim = Kill(
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let readyz = || -> Option<String> {
+        let mut s = std::net::TcpStream::connect(admin).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    };
+    let wait = |what: &str, want: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if readyz().is_some_and(|r| r.starts_with(want)) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait("not ready without a route file", "HTTP/1.1 503");
+    std::fs::write(&routes, "routes: []\n").unwrap();
+    wait("ready once the empty route file loaded", "HTTP/1.1 200");
+}

@@ -147,14 +147,25 @@ impl Gateway {
         match self.source {
             Source::File(file) => {
                 if !loaded.get() {
-                    // The file could not be read at start: loaded once the watcher applies it.
+                    // The file could not be read at start: loaded once the watcher applied it,
+                    // which a table change shows, or the source's count of good loads when
+                    // the file proved to hold no routes (`routes: []` changes no table).
                     let mut watch = self.ctx.routes.subscribe();
-                    let (loaded, stop) = (loaded.clone(), background.clone());
+                    let (loaded, stop, stats) = (loaded.clone(), background.clone(), file.stats());
+                    let mut tick = tokio::time::interval(self.poll);
                     tokio::spawn(async move {
-                        tokio::select! {
-                            () = stop.cancelled() => {}
-                            _ = watch.changed() => loaded.set(),
+                        loop {
+                            tokio::select! {
+                                () = stop.cancelled() => return,
+                                _ = watch.changed() => break,
+                                _ = tick.tick() => {
+                                    if stats.loads_ok.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+                                        break;
+                                    }
+                                }
+                            }
                         }
+                        loaded.set();
                     });
                 }
                 let _routes = file.watch(self.ctx.routes.clone(), self.poll, background.clone());

@@ -202,6 +202,47 @@ fn gateway_binaries_tunnel_follow_route_edits_and_drain_on_sigterm() {
     assert!(log.contains("draining") && log.contains("stopped"), "{log}");
 }
 
+/// A route file that cannot be read at start keeps the gateway not ready; once it appears,
+/// even as an empty table (`routes: []`, which changes nothing in the store), the gateway
+/// turns ready.
+#[test]
+fn a_route_file_that_appears_empty_after_start_makes_the_gateway_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = MeshCa::generate("mesh.local").unwrap();
+    ca.issue(&LeafSpec::new("k8s", "gateway", Duration::from_secs(3600)))
+        .unwrap()
+        .write(&d.join("k8s"), &ca.cert_pem())
+        .unwrap();
+    let routes = d.join("routes.yaml");
+    let (tunnel, admin) = (free_addr(), free_addr());
+    let cfg = d.join("k8s.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "cluster: k8s\ntrust_domain: mesh.local\ntls: {{cert: {0}/k8s/cert.pem, key: {0}/k8s/key.pem, bundle: {0}/k8s/ca.pem}}\nroutes: {{file: {1}, poll_interval: 50ms}}\nadmin: {{listen: \"{admin}\"}}\ningress: {{listen: \"{tunnel}\", quic: false}}\n",
+            d.display(),
+            routes.display()
+        ),
+    )
+    .unwrap();
+    let _gw = Proc(
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.join("k8s.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("the admin server", || TcpStream::connect(admin).is_ok());
+    assert!(http_get(admin, "/readyz").starts_with("HTTP/1.1 503"));
+    std::fs::write(&routes, "routes: []\n").unwrap();
+    wait_until("ready once the empty route file loaded", || {
+        http_get(admin, "/readyz").starts_with("HTTP/1.1 200")
+    });
+}
+
 #[test]
 fn a_bad_config_exits_64_naming_the_field() {
     let dir = tempfile::tempdir().unwrap();
