@@ -53,9 +53,13 @@ impl Server {
         let health = Health::new();
         // The shim holds a mesh certificate only when it follows route-sync.
         let mut certificates = isthmus_runtime::metrics::CertificateMetrics::new();
+        let mut route_file = None;
         let source = match (&cfg.routes.file, &cfg.routes.route_sync) {
             (Some(file), _) => {
                 let source = FileSource::new(file);
+                route_file = Some(isthmus_route_sync::source::file::RouteFileMetrics::new(
+                    &source,
+                ));
                 match source.apply(&routes) {
                     Ok((applied, rejected)) => tracing::info!(
                         routes = routes.snapshot().len(),
@@ -96,6 +100,9 @@ impl Server {
         let mut registry = Registry::default();
         metrics.register(&mut registry);
         certificates.register(&mut registry);
+        if let Some(route_file) = route_file {
+            route_file.register(&mut registry);
+        }
         let settings = Settings::from_config(cfg).context("configuration")?;
         let shim = DnsShim::bind(settings, routes.clone(), metrics)
             .await

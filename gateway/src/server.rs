@@ -57,9 +57,13 @@ impl Gateway {
         let routes = RouteStore::new();
         let health = Health::new();
         let loaded = TableLoaded::new(false);
+        let mut route_file = None;
         let source = match (&cfg.routes.file, &cfg.routes.route_sync) {
             (Some(file), _) => {
                 let source = FileSource::new(file);
+                route_file = Some(isthmus_route_sync::source::file::RouteFileMetrics::new(
+                    &source,
+                ));
                 match source.apply(&routes) {
                     Ok((applied, rejected)) => {
                         tracing::info!(
@@ -92,6 +96,9 @@ impl Gateway {
         isthmus_runtime::metrics::CertificateMetrics::new()
             .add("gateway", &tls_files, &tls)
             .register(&mut registry);
+        if let Some(route_file) = route_file {
+            route_file.register(&mut registry);
+        }
         let ctx = Context {
             cluster: ClusterName::parse(&cfg.cluster).context("cluster")?,
             trust_domain: cfg.trust_domain.clone(),

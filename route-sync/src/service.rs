@@ -67,8 +67,10 @@ pub async fn run(cfg: RouteSyncConfig, stop: CancellationToken) -> anyhow::Resul
     let node = Node::bind(settings, cfg.listen)
         .await
         .with_context(|| format!("binding route-sync gRPC on {}", cfg.listen))?;
+    let source = FileSource::new(&cfg.source.file);
     let mut registry = prometheus_client::registry::Registry::default();
     node.metrics().register(&mut registry);
+    crate::source::file::RouteFileMetrics::new(&source).register(&mut registry);
     isthmus_runtime::metrics::CertificateMetrics::new()
         .add("route-sync", &files, &tls)
         .register(&mut registry);
@@ -79,7 +81,6 @@ pub async fn run(cfg: RouteSyncConfig, stop: CancellationToken) -> anyhow::Resul
     let _reload = tls.watch(files, cfg.tls.reload_interval.get(), stop.clone());
 
     // The local source: first load decides freshness; then the file is watched.
-    let source = FileSource::new(&cfg.source.file);
     let handle = node.handle();
     match source.apply(&node.local_store()) {
         Ok(_) => handle.local_loaded(),

@@ -349,3 +349,34 @@ async fn a_file_rewritten_in_two_steps_never_removes_routes() {
         .unwrap()
         .unwrap();
 }
+
+/// Loads of the route file, good and failed, and refused entries show on `/metrics`: a
+/// failed load keeps the previous table, so the metric is how an operator sees it.
+#[test]
+fn loads_and_refused_entries_are_metrics() {
+    use isthmus_route_sync::source::file::RouteFileMetrics;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("routes.yaml");
+    let source = FileSource::new(&path);
+    let mut registry = prometheus_client::registry::Registry::default();
+    RouteFileMetrics::new(&source).register(&mut registry);
+    let store = RouteStore::new();
+    std::fs::write(&path, "routes:\n").unwrap();
+    assert!(source.apply(&store).is_err());
+    std::fs::write(
+        &path,
+        format!("{GOOD}  - {{name: bad, port: 1, home_cluster: k8s}}\n"),
+    )
+    .unwrap();
+    source.apply(&store).unwrap();
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let file = path.display();
+    for line in [
+        format!("isthmus_route_file_loads_total{{file=\"{file}\",result=\"ok\"}} 1"),
+        format!("isthmus_route_file_loads_total{{file=\"{file}\",result=\"failed\"}} 1"),
+        format!("isthmus_route_file_entries_rejected_total{{file=\"{file}\"}} 1"),
+    ] {
+        assert!(text.contains(&line), "no `{line}` in\n{text}");
+    }
+}

@@ -240,6 +240,92 @@ pub struct SourceStats {
     pub entries_rejected: AtomicU64,
 }
 
+/// Name of the route-file load counter as scraped (the registry adds `_total`).
+pub const ROUTE_FILE_LOADS: &str = "isthmus_route_file_loads_total";
+/// Name of the rejected-entry counter as scraped.
+pub const ROUTE_FILE_ENTRIES_REJECTED: &str = "isthmus_route_file_entries_rejected_total";
+
+/// Labels of a route file's load counts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct LoadLabels {
+    file: String,
+    /// `ok` (a table came of it, rejected entries or not) or `failed` (the file was
+    /// unreadable or malformed as a whole, and the previous table was kept).
+    result: &'static str,
+}
+
+/// Labels of a route file's rejected-entry count.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct FileLabel {
+    file: String,
+}
+
+/// A route file's [`SourceStats`] as metrics, read at scrape time:
+/// `isthmus_route_file_loads_total{file,result="ok|failed"}` and
+/// `isthmus_route_file_entries_rejected_total{file}`. A failed load keeps the previous
+/// table, so without these an operator would see only a log line.
+#[derive(Debug)]
+pub struct RouteFileMetrics {
+    file: String,
+    stats: Arc<SourceStats>,
+}
+
+impl RouteFileMetrics {
+    /// The metrics of `source`.
+    pub fn new(source: &FileSource) -> Self {
+        Self {
+            file: source.path.display().to_string(),
+            stats: source.stats(),
+        }
+    }
+
+    /// Registers them in `registry`.
+    pub fn register(self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register_collector(Box::new(self));
+    }
+}
+
+impl prometheus_client::collector::Collector for RouteFileMetrics {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> std::fmt::Result {
+        use prometheus_client::encoding::EncodeMetric as _;
+        use prometheus_client::metrics::counter::ConstCounter;
+        {
+            let mut loads = encoder.encode_descriptor(
+                ROUTE_FILE_LOADS.trim_end_matches("_total"),
+                "Loads of the route file: ok (a table came of it) or failed (the previous table was kept)",
+                None,
+                ConstCounter::new(0u64).metric_type(),
+            )?;
+            for (result, count) in [
+                ("ok", &self.stats.loads_ok),
+                ("failed", &self.stats.loads_failed),
+            ] {
+                let labels = LoadLabels {
+                    file: self.file.clone(),
+                    result,
+                };
+                ConstCounter::new(count.load(Ordering::Relaxed))
+                    .encode(loads.encode_family(&labels)?)?;
+            }
+        }
+        let mut rejected = encoder.encode_descriptor(
+            ROUTE_FILE_ENTRIES_REJECTED.trim_end_matches("_total"),
+            "Route file entries refused (each with its reason in the log), summed over loads",
+            None,
+            ConstCounter::new(0u64).metric_type(),
+        )?;
+        let labels = FileLabel {
+            file: self.file.clone(),
+        };
+        ConstCounter::new(self.stats.entries_rejected.load(Ordering::Relaxed))
+            .encode(rejected.encode_family(&labels)?)?;
+        Ok(())
+    }
+}
+
 /// A route file, watched for changes.
 #[derive(Debug, Clone)]
 pub struct FileSource {
