@@ -226,6 +226,7 @@ impl Shared {
         let now = now_unix_ms();
         let mut alloc = lock(vips);
         let waiting_before = alloc.counts().waiting;
+        let generation = alloc.generation();
         let upserts: Vec<Arc<Route>> = upserts
             .into_iter()
             .map(|r| {
@@ -233,6 +234,7 @@ impl Shared {
                 with_vip(r, vip)
             })
             .collect();
+        self.persist_new_vips(&alloc, generation);
         let mut changed = self
             .merged
             .apply_shared(upserts, removals.iter().cloned())
@@ -245,6 +247,7 @@ impl Shared {
             }
         }
         if !given.is_empty() {
+            self.persist_new_vips(&alloc, generation);
             let routes: Vec<Arc<Route>> = given
                 .iter()
                 .flat_map(|(name, ip)| {
@@ -270,6 +273,26 @@ impl Shared {
         }
         self.metrics.set_vips(&counts);
         changed
+    }
+
+    /// Writes the VIP allocation to `state_dir` now when it changed since `generation`,
+    /// before the routes carrying the new VIPs are published: a VIP a consumer has seen (and
+    /// an app may have cached forever) must survive a crash of this process the next moment.
+    /// The periodic save loop would leave up to its interval of new VIPs unsaved. A failed
+    /// write is logged and the routes are published anyway (the save loop retries).
+    fn persist_new_vips(&self, alloc: &VipAllocator, generation: u64) {
+        if alloc.generation() == generation {
+            return;
+        }
+        let Some(path) = self.state_path(VIPS_FILE) else {
+            return;
+        };
+        if let Err(e) = crate::persist::save_message(&path, &vip_state(alloc)) {
+            tracing::warn!(
+                "cannot save {}: {e}; new VIPs are served unsaved",
+                path.display()
+            );
+        }
     }
 
     pub(crate) fn state_path(&self, name: &str) -> Option<PathBuf> {
