@@ -301,10 +301,11 @@ async fn a_file_rewritten_in_two_steps_never_removes_routes() {
     let boundary = full.match_indices("  - name:").nth(N / 2).unwrap().0;
     let mid_entry = boundary + "  - name: svc-20.apps.internal\n    po".len();
     let cuts = [0, "routes:\n".len(), boundary, mid_entry];
-    let loads_before =
-        stats.loads_ok.load(Ordering::Relaxed) + stats.loads_failed.load(Ordering::Relaxed);
+    let loads =
+        || stats.loads_ok.load(Ordering::Relaxed) + stats.loads_failed.load(Ordering::Relaxed);
     for round in 0..12 {
         let cut = cuts[round % cuts.len()];
+        let before = loads();
         // Step one: truncate and write the first part.
         let mut file = std::fs::OpenOptions::new()
             .write(true)
@@ -313,24 +314,21 @@ async fn a_file_rewritten_in_two_steps_never_removes_routes() {
             .unwrap();
         file.write_all(&full.as_bytes()[..cut]).unwrap();
         file.flush().unwrap();
-        // A pause shorter than the poll interval, during which a poll may see the cut file.
+        // The writer's pause, shorter than the poll interval, during which a poll may see
+        // the cut file: this pause is the scenario under test, not a wait for a result.
         tokio::time::sleep(poll * 3 / 10).await;
         // Step two: the rest.
         file.write_all(&full.as_bytes()[cut..]).unwrap();
         drop(file);
-        tokio::time::sleep(poll * 3 / 2).await;
+        // The watcher loads the settled file once; wait for that load, not for a time.
+        timeout(Duration::from_secs(2), async {
+            while loads() == before {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("round {round}: the watcher never loaded the rewritten file"));
     }
-    // Let the last write settle and load.
-    timeout(Duration::from_secs(2), async {
-        while stats.loads_ok.load(Ordering::Relaxed) + stats.loads_failed.load(Ordering::Relaxed)
-            == loads_before
-        {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the watcher loaded the rewritten file");
-    tokio::time::sleep(poll * 3).await;
     consumer.abort();
     assert_eq!(
         seen_min.load(Ordering::SeqCst),
