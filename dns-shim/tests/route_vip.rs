@@ -32,6 +32,7 @@ fn route(name: &str, home: &str) -> Route {
         backends: vec![],
         weights: Default::default(),
         vip: None,
+        egress_port: None,
         revision: 0,
     }
 }

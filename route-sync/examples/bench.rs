@@ -89,6 +89,7 @@ fn route(i: usize, marker: u32) -> Route {
         ],
         weights,
         vip: None,
+        egress_port: None,
         revision: 0,
     }
 }

@@ -6,7 +6,16 @@
 //! tls: {cert: certs/cert.pem, key: certs/key.pem, bundle: certs/ca.pem}
 //! listen: "0.0.0.0:15010"          # gRPC for peers and local consumers
 //! admin: {listen: "0.0.0.0:15021"}
-//! source: {file: routes.yaml}       # this cluster's routes (homed here)
+//! source: {file: routes.yaml}       # this cluster's routes (homed here); or:
+//! # source:
+//! #   kubernetes:
+//! #     namespaces: [apps]          # default: all namespaces
+//! #     kubeconfig: /etc/kube.yaml  # default: in-cluster, else $KUBECONFIG / ~/.kube/config
+//! # mirror:                          # Kubernetes only: imported routes as Services
+//! #   namespace: isthmus
+//! #   egress_selector: {app.kubernetes.io/name: isthmus-egress}
+//! #   egress_ports: 20000-29999      # one egress target port per imported route
+//! #   lease: {name: isthmus-route-sync, duration: 15s}
 //! peers:
 //!   - {cluster: diego, endpoints: ["10.0.16.5:15010", "10.0.16.6:15010"]}
 //! state_dir: /var/lib/isthmus/route-sync   # last known good
@@ -55,6 +64,10 @@ pub struct RouteSyncConfig {
     /// consumers. None (the default): routes carry no VIP.
     #[serde(default)]
     pub vips: Option<VipConfig>,
+    /// Imported routes kept as Kubernetes Services (needs `source.kubernetes`; excludes
+    /// `vips`: the Services' ClusterIPs are the addresses).
+    #[serde(default)]
+    pub mirror: Option<MirrorConfig>,
     /// Bounds on what a peer may send.
     #[serde(default)]
     pub limits: LimitsConfig,
@@ -177,15 +190,104 @@ impl Default for AdminConfig {
     }
 }
 
-/// The local route source.
+/// The local route source: exactly one of `file` and `kubernetes`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     /// A YAML route file of routes homed in this cluster.
-    pub file: PathBuf,
+    #[serde(default)]
+    pub file: Option<PathBuf>,
     /// How often the file is checked for changes.
     #[serde(default = "default_poll")]
     pub poll_interval: HumanDuration,
+    /// Routes from the Kubernetes API: annotated Services, their EndpointSlices and
+    /// ServiceExports.
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesConfig>,
+}
+
+/// Where and how the Kubernetes source reads the cluster's API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// The namespaces whose Services may be routes; empty (the default) means all.
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    /// A kubeconfig file. None (the default): what kube-rs infers, the in-cluster service
+    /// account first, then `$KUBECONFIG` or `~/.kube/config`.
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context; default its current context.
+    #[serde(default)]
+    pub context: Option<String>,
+}
+
+/// Imported routes as Kubernetes Services, written by the holder of a Lease.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorConfig {
+    /// The namespace the mirror Services (and the Lease) live in: Isthmus's own.
+    pub namespace: String,
+    /// The labels of the egress gateway pods: every mirror Service selects them.
+    pub egress_selector: std::collections::BTreeMap<String, String>,
+    /// The egress target ports handed out, one per imported route, `first-last`.
+    #[serde(default = "default_egress_ports")]
+    pub egress_ports: String,
+    /// Who writes.
+    #[serde(default)]
+    pub lease: LeaseConfig,
+}
+
+fn default_egress_ports() -> String {
+    "20000-29999".to_string()
+}
+
+/// The coordination.k8s.io Lease that elects the one replica that writes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseConfig {
+    /// The Lease's name, in the mirror namespace.
+    #[serde(default = "default_lease_name")]
+    pub name: String,
+    /// How long a holder's claim lasts without renewal; renewed every third of it.
+    #[serde(default = "default_lease_duration")]
+    pub duration: HumanDuration,
+    /// This replica's identity in the Lease; default `$POD_NAME`, else the host name.
+    #[serde(default)]
+    pub identity: Option<String>,
+}
+
+fn default_lease_name() -> String {
+    "isthmus-route-sync".to_string()
+}
+
+fn default_lease_duration() -> HumanDuration {
+    HumanDuration::from_secs(15)
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        Self {
+            name: default_lease_name(),
+            duration: default_lease_duration(),
+            identity: None,
+        }
+    }
+}
+
+/// Parses `first-last` (both inclusive, `first` <= `last`, neither 0).
+///
+/// # Errors
+/// Anything else, as a message naming what was expected.
+pub fn parse_port_range(text: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let expected = || format!("`{text}`: expected a port range `first-last`, e.g. 20000-29999");
+    let (a, b) = text.split_once('-').ok_or_else(expected)?;
+    let a: u16 = a.trim().parse().map_err(|_| expected())?;
+    let b: u16 = b.trim().parse().map_err(|_| expected())?;
+    if a == 0 || a > b {
+        return Err(expected());
+    }
+    Ok(a..=b)
 }
 
 /// A peer cluster.
@@ -232,6 +334,65 @@ impl Validate for RouteSyncConfig {
                 ));
             }
         }
+        match (&self.source.file, &self.source.kubernetes) {
+            (Some(_), Some(_)) | (None, None) => {
+                return Err(FieldError::new(
+                    "source",
+                    "exactly one of `file` and `kubernetes`",
+                ));
+            }
+            _ => {}
+        }
+        if let Some(k) = &self.source.kubernetes {
+            for (i, ns) in k.namespaces.iter().enumerate() {
+                if !is_dns_label(ns) {
+                    return Err(FieldError::new(
+                        format!("source.kubernetes.namespaces[{i}]"),
+                        "a namespace name: 1 to 63 of a-z, 0-9 and '-'",
+                    ));
+                }
+            }
+        }
+        if let Some(m) = &self.mirror {
+            if self.source.kubernetes.is_none() {
+                return Err(FieldError::new(
+                    "mirror",
+                    "no mirror section unless `source.kubernetes` is set",
+                ));
+            }
+            if self.vips.is_some() {
+                return Err(FieldError::new(
+                    "vips",
+                    "no `vips` with `mirror`: the mirror Services' ClusterIPs are the VIPs",
+                ));
+            }
+            if !is_dns_label(&m.namespace) {
+                return Err(FieldError::new(
+                    "mirror.namespace",
+                    "a namespace name: 1 to 63 of a-z, 0-9 and '-'",
+                ));
+            }
+            if m.egress_selector.is_empty() {
+                return Err(FieldError::new(
+                    "mirror.egress_selector",
+                    "at least one label of the egress pods",
+                ));
+            }
+            parse_port_range(&m.egress_ports)
+                .map_err(|e| FieldError::new("mirror.egress_ports", e))?;
+            if !is_dns_label(&m.lease.name) {
+                return Err(FieldError::new(
+                    "mirror.lease.name",
+                    "a Lease name: 1 to 63 of a-z, 0-9 and '-'",
+                ));
+            }
+            if m.lease.duration.get() < std::time::Duration::from_secs(1) {
+                return Err(FieldError::new(
+                    "mirror.lease.duration",
+                    "a duration of at least 1s, e.g. 15s",
+                ));
+            }
+        }
         if let Some(vips) = &self.vips {
             let range = VipRange::parse(&vips.range).map_err(|_| {
                 FieldError::new(
@@ -268,6 +429,16 @@ impl Validate for RouteSyncConfig {
         }
         Ok(())
     }
+}
+
+/// An RFC 1123 label, as Kubernetes names namespaces.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
 }
 
 #[cfg(test)]

@@ -373,6 +373,7 @@ mod tests {
             backends: vec![Backend::parse("10.0.0.1:8080").unwrap()],
             weights: Default::default(),
             vip: None,
+            egress_port: None,
             revision: 0,
         })
     }

@@ -394,6 +394,11 @@ pub struct Route {
     /// every port of the name, and kept as long as the name exists. `None` when the cluster
     /// has no VIP range.
     pub vip: Option<std::net::IpAddr>,
+    /// The egress port that stands for this route in this cluster: on Kubernetes, the
+    /// target port of the route's mirror Service, which is all the egress sees of a call
+    /// that kube-proxy translated from the Service's ClusterIP. Set, like `vip`, only by the
+    /// merged table of the cluster that serves it; `None` elsewhere.
+    pub egress_port: Option<u16>,
     /// The table revision at which this route last changed.
     pub revision: u64,
 }
@@ -429,6 +434,7 @@ impl Route {
             && self.backends == other.backends
             && self.weights == other.weights
             && self.vip == other.vip
+            && self.egress_port == other.egress_port
     }
 }
 

@@ -55,6 +55,10 @@ impl Route {
                 (true, Some(ip)) => ip.to_string(),
                 _ => String::new(),
             },
+            egress_port: match (with_backends, route.egress_port) {
+                (true, Some(port)) => u32::from(port),
+                _ => 0,
+            },
             revision: route.revision,
         }
     }
@@ -104,6 +108,12 @@ impl Route {
                 Some(self.vip.parse().map_err(|_| InvalidRoute::Vip {
                     value: self.vip.clone(),
                 })?)
+            },
+            egress_port: match self.egress_port {
+                0 => None,
+                p => Some(u16::try_from(p).map_err(|_| InvalidRoute::Port {
+                    value: i64::from(p),
+                })?),
             },
             revision: self.revision,
         })
@@ -190,6 +200,7 @@ mod tests {
             backends: vec!["10.0.0.1:8080".into()],
             weights: [("diego".to_string(), 1)].into(),
             vip: "100.64.0.7".into(),
+            egress_port: 20001,
             revision: 3,
         }
     }

@@ -67,7 +67,10 @@ pub async fn run(cfg: RouteSyncConfig, stop: CancellationToken) -> anyhow::Resul
     let node = Node::bind(settings, cfg.listen)
         .await
         .with_context(|| format!("binding route-sync gRPC on {}", cfg.listen))?;
-    let source = FileSource::new(&cfg.source.file);
+    let Some(file) = &cfg.source.file else {
+        anyhow::bail!("source.kubernetes: this build reads routes from `source.file` only");
+    };
+    let source = FileSource::new(file);
     let mut registry = prometheus_client::registry::Registry::default();
     node.metrics().register(&mut registry);
     crate::source::file::RouteFileMetrics::new(&source).register(&mut registry);

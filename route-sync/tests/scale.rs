@@ -39,6 +39,7 @@ fn route(i: usize, weight: u32) -> Route {
         backends: vec![Backend::parse("10.1.2.3:8080").unwrap()],
         weights: [(c("diego"), weight)].into(),
         vip: None,
+        egress_port: None,
         revision: 0,
     }
 }

@@ -37,6 +37,7 @@ fn route(name: &str, home: &str, exported: bool) -> Route {
         backends: vec![Backend::parse("10.1.2.3:8080").unwrap()],
         weights: Default::default(),
         vip: None,
+        egress_port: None,
         revision: 0,
     }
 }

@@ -15,6 +15,7 @@ fn route(authority: &str, home: &str) -> Route {
         backends: vec![],
         weights: Default::default(),
         vip: None,
+        egress_port: None,
         revision: 0,
     }
 }

@@ -39,6 +39,7 @@ fn route(name: &str, port: u16, home: &str) -> Route {
         weights: Default::default(),
         // What a source claims is never what is served: only the node's allocation counts.
         vip: Some("192.0.2.1".parse().unwrap()),
+        egress_port: None,
         revision: 0,
     }
 }

@@ -132,6 +132,7 @@ impl RawRoute {
             backends,
             weights,
             vip,
+            egress_port: None,
             revision: 0,
         })
     }
