@@ -14,6 +14,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod grpc;
+pub mod k8s;
 pub mod merge;
 pub mod model;
 pub mod node;
