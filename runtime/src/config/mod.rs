@@ -10,6 +10,7 @@
 //! Config types are expected to use `#[serde(deny_unknown_fields)]`: a misspelt key then fails with
 //! the list of valid ones instead of being silently ignored.
 
+pub mod check;
 mod tls;
 mod values;
 
