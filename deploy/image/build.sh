@@ -1,26 +1,29 @@
 #!/usr/bin/env bash
 # Builds the Isthmus OCI image from binaries already built by cargo:
 #
-#   deploy/image/build.sh [--profile release|debug] [--tag NAME:TAG] [--no-build]
+#   deploy/image/build.sh [--profile release|debug] [--tag NAME:TAG] [--no-build] [--context DIR]
 #
 # Stages a context (the Containerfile, /etc files, the three binaries in /usr/local/bin and
 # exactly the shared objects `ldd` lists for them, at the paths the binaries look for them),
 # then runs `buildah bud`. Without --no-build it first runs the cargo build of the three
 # binaries for the profile. Release is what ships; CI uses debug, the binaries `cargo test`
 # has already built, to stay within its time (debug info is stripped while staging).
-# Prints the image name on the last line.
+# Prints the image name on the last line. With --context DIR it only stages the context into
+# DIR (for `docker build DIR` or `podman build DIR`) and prints DIR.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 profile=release
 tag=""
 build=1
+context=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --profile) profile="${2:?--profile needs release or debug}"; shift 2 ;;
         --tag) tag="${2:?--tag needs NAME:TAG}"; shift 2 ;;
         --no-build) build=0; shift ;;
-        *) echo "usage: $0 [--profile release|debug] [--tag NAME:TAG] [--no-build]" >&2; exit 64 ;;
+        --context) context="${2:?--context needs a directory}"; shift 2 ;;
+        *) echo "usage: $0 [--profile release|debug] [--tag NAME:TAG] [--no-build] [--context DIR]" >&2; exit 64 ;;
     esac
 done
 case "$profile" in
@@ -32,13 +35,19 @@ version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 tag="${tag:-localhost/isthmus:${version}}"
 bins=(isthmus-gateway isthmus-route-sync isthmus-dns-shim)
 
-command -v buildah >/dev/null || { echo "error: buildah not found (Debian: apt-get install -y buildah)" >&2; exit 1; }
+[ -n "$context" ] || command -v buildah >/dev/null || { echo "error: buildah not found (Debian: apt-get install -y buildah)" >&2; exit 1; }
 if [ "$build" = 1 ]; then
     cargo build --locked "${cargo_profile[@]}" -p isthmus-gateway -p isthmus-route-sync -p isthmus-dns-shim --bins
 fi
 
-ctx=$(mktemp -d)
-trap 'rm -rf "$ctx"' EXIT
+if [ -n "$context" ]; then
+    [ ! -e "$context" ] || [ -z "$(ls -A "$context")" ] || { echo "error: --context $context exists and is not empty" >&2; exit 64; }
+    mkdir -p "$context"
+    ctx=$context
+else
+    ctx=$(mktemp -d)
+    trap 'rm -rf "$ctx"' EXIT
+fi
 root="$ctx/rootfs"
 mkdir -p "$root/usr/local/bin" "$root/etc" "$root/tmp"
 chmod 1777 "$root/tmp"
@@ -65,7 +74,11 @@ for lib in $(for bin in "${bins[@]}"; do ldd "$dir/$bin"; done | grep -o '/[^ ]*
     mkdir -p "$root$(dirname "$lib")"
     cp -L "$lib" "$root$lib"
 done
-echo "staged: $(cd "$root" && find . -type f | sort | tr '\n' ' ')"
+echo "staged: $(cd "$root" && find . -type f | sort | tr '\n' ' ')" >&2
+if [ -n "$context" ]; then
+    echo "$context"
+    exit 0
+fi
 
 buildah bud --layers=false -f "$ctx/Containerfile" -t "$tag" "$ctx" >&2
 echo "$tag"
