@@ -32,7 +32,8 @@ struct Args {
     /// Log filter (tracing env-filter syntax); defaults to $RUST_LOG, else `info`.
     #[arg(long)]
     log: Option<String>,
-    /// Check the configuration, print what would run, and exit (0 valid, 64 invalid).
+    /// Check the configuration, print what would run, and exit (0 valid, 64 invalid); files it
+    /// names (certificates) may be absent here: reported as "not present here".
     #[arg(long = "check-config", visible_alias = "check", long_help = CHECK_CONFIG_HELP)]
     check_config: bool,
     /// Worker threads of the runtime; 0 means one per CPU.

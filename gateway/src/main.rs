@@ -26,7 +26,8 @@ struct Args {
     #[arg(long)]
     log: Option<String>,
     #[arg(long = "check-config", visible_alias = "check", long_help = CHECK_CONFIG_HELP)]
-    /// Check the configuration, print what would run, and exit (0 valid, 64 invalid).
+    /// Check the configuration, print what would run, and exit (0 valid, 64 invalid); files it
+    /// names (certificates) may be absent here: reported as "not present here".
     check_config: bool,
 }
 

@@ -34,7 +34,8 @@ struct Args {
     /// Log filter; defaults to $RUST_LOG, else `info`.
     #[arg(long, global = true)]
     log: Option<String>,
-    /// Check the configuration, print what would run, and exit (0 valid, 64 invalid).
+    /// Check the configuration, print what would run, and exit (0 valid, 64 invalid); files it
+    /// names (certificates) may be absent here: reported as "not present here".
     #[arg(long = "check-config", long_help = CHECK_CONFIG_HELP)]
     check_config: bool,
     #[command(subcommand)]
