@@ -16,7 +16,9 @@ use crate::config::RouteSyncConfig;
 use crate::model::ClusterName;
 use crate::node::{Keepalive, Node, NodeSettings, PeerLimits, PeerSpec, VipSettings};
 use crate::proto;
+use crate::source::RouteSource as _;
 use crate::source::file::FileSource;
+use crate::source::kubernetes::KubernetesSource;
 use crate::vip::VipRange;
 
 fn load_tls(cfg: &RouteSyncConfig) -> anyhow::Result<(MeshTls, TlsFiles)> {
@@ -67,38 +69,70 @@ pub async fn run(cfg: RouteSyncConfig, stop: CancellationToken) -> anyhow::Resul
     let node = Node::bind(settings, cfg.listen)
         .await
         .with_context(|| format!("binding route-sync gRPC on {}", cfg.listen))?;
-    let Some(file) = &cfg.source.file else {
-        anyhow::bail!("source.kubernetes: this build reads routes from `source.file` only");
-    };
-    let source = FileSource::new(file);
     let mut registry = prometheus_client::registry::Registry::default();
     node.metrics().register(&mut registry);
-    crate::source::file::RouteFileMetrics::new(&source).register(&mut registry);
     isthmus_runtime::metrics::CertificateMetrics::new()
         .add("route-sync", &files, &tls)
         .register(&mut registry);
     let health = Health::new();
+    start_local_source(&cfg, &node, &mut registry, &health, &stop).await?;
     let admin = AdminServer::bind(cfg.admin.listen, Arc::new(registry), health.clone())
         .await
         .with_context(|| format!("binding the admin server on {}", cfg.admin.listen))?;
     let _reload = tls.watch(files, cfg.tls.reload_interval.get(), stop.clone());
+    tracing::info!(addr = %node.local_addr()?, "route-sync serving");
+    let admin_task = tokio::spawn(admin.serve(stop.clone()));
+    health.set_ready();
+    node.run(stop.clone()).await;
+    health.set_not_ready("stopped");
+    let _ = admin_task.await;
+    tracing::info!("stopped");
+    Ok(())
+}
 
-    // The local source: first load decides freshness; then the file is watched.
+/// Starts the local route source the configuration names (`source.file` or
+/// `source.kubernetes`), registers its metrics, and keeps the node's and health's
+/// freshness current.
+async fn start_local_source(
+    cfg: &RouteSyncConfig,
+    node: &Node,
+    registry: &mut prometheus_client::registry::Registry,
+    health: &Health,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
     let handle = node.handle();
-    match source.apply(&node.local_store()) {
-        Ok(_) => handle.local_loaded(),
-        Err(e) => tracing::error!("{e}; serving the last known local routes until it loads"),
-    }
-    let _watch = source.clone().watch(
-        node.local_store(),
-        cfg.source.poll_interval.get(),
-        stop.clone(),
-    );
-    {
-        // Mark fresh once the file loads, and keep health's stale flag current.
-        let handle = handle.clone();
-        let health = health.clone();
+    if let Some(k8s) = &cfg.source.kubernetes {
+        let client = crate::k8s::client(k8s).await?;
+        // Until a Lease is configured, this replica writes ServiceExport status.
+        let leadership = crate::k8s::Leadership::always();
+        let source = KubernetesSource::new(
+            client,
+            ClusterName::parse(&cfg.cluster)?,
+            k8s.namespaces.clone(),
+            leadership,
+        )
+        .with_node(handle.clone());
+        crate::source::kubernetes::KubernetesMetrics::new(&source).register(registry);
+        tracing::info!(source = %source.describe(), "local routes from the Kubernetes API");
+        let _watch = source.watch(node.local_store(), stop.clone());
+    } else {
+        let Some(file) = &cfg.source.file else {
+            anyhow::bail!("source: set `file` or `kubernetes`");
+        };
+        let source = FileSource::new(file);
+        crate::source::file::RouteFileMetrics::new(&source).register(registry);
+        // The first load decides freshness; then the file is watched.
+        match source.apply(&node.local_store()) {
+            Ok(_) => handle.local_loaded(),
+            Err(e) => tracing::error!("{e}; serving the last known local routes until it loads"),
+        }
+        let _watch = source.clone().watch(
+            node.local_store(),
+            cfg.source.poll_interval.get(),
+            stop.clone(),
+        );
         let stats = source.stats();
+        let handle = handle.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -110,17 +144,24 @@ pub async fn run(cfg: RouteSyncConfig, stop: CancellationToken) -> anyhow::Resul
                 if stats.loads_ok.load(std::sync::atomic::Ordering::Relaxed) > 0 {
                     handle.local_loaded();
                 }
+            }
+        });
+    }
+    {
+        // Keep health's stale flag current (peers and the local source both count).
+        let health = health.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
                 health.set_stale(handle.is_stale());
             }
         });
     }
-    tracing::info!(addr = %node.local_addr()?, "route-sync serving");
-    let admin_task = tokio::spawn(admin.serve(stop.clone()));
-    health.set_ready();
-    node.run(stop.clone()).await;
-    health.set_not_ready("stopped");
-    let _ = admin_task.await;
-    tracing::info!("stopped");
     Ok(())
 }
 

@@ -586,6 +586,15 @@ impl NodeHandle {
         self.shared.note_freshness();
     }
 
+    /// Marks the local source fresh or stale again: a watching source (Kubernetes) loses
+    /// its API server and comes back, unlike a file that, once loaded, stays loaded.
+    pub fn set_local_fresh(&self, fresh: bool) {
+        let was = self.shared.local_loaded.swap(fresh, Ordering::AcqRel);
+        if was != fresh {
+            self.shared.note_freshness();
+        }
+    }
+
     /// Whether the node serves last-known-good data.
     pub fn is_stale(&self) -> bool {
         self.shared.stale()

@@ -5,6 +5,7 @@
 //! Cloud Foundry sources follow behind the same shape.
 
 pub mod file;
+pub mod kubernetes;
 
 use std::fmt;
 use std::time::Duration;
