@@ -404,3 +404,471 @@ pub fn backends(slices: &[&EndpointSlice], port_name: &str) -> Vec<Backend> {
         ready.into_iter().collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::ServiceSpec;
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+
+    fn cluster() -> ClusterName {
+        ClusterName::parse("k8s").unwrap()
+    }
+
+    fn port(name: Option<&str>, number: i32) -> ServicePort {
+        ServicePort {
+            name: name.map(str::to_string),
+            port: number,
+            ..ServicePort::default()
+        }
+    }
+
+    fn service(
+        ns: &str,
+        name: &str,
+        annotations: &[(&str, &str)],
+        ports: Vec<ServicePort>,
+    ) -> Service {
+        Service {
+            metadata: ObjectMeta {
+                namespace: Some(ns.into()),
+                name: Some(name.into()),
+                annotations: Some(
+                    annotations
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                ..ObjectMeta::default()
+            },
+            spec: Some(ServiceSpec {
+                ports: Some(ports),
+                ..ServiceSpec::default()
+            }),
+            status: None,
+        }
+    }
+
+    fn routed(ns: &str, name: &str, route: &str) -> Service {
+        service(ns, name, &[(ROUTE, route)], vec![port(Some("http"), 8080)])
+    }
+
+    /// (address, ready, serving, terminating)
+    type Ep<'a> = (&'a str, Option<bool>, Option<bool>, Option<bool>);
+
+    fn slice(
+        ns: &str,
+        service: &str,
+        ports: &[(Option<&str>, i32)],
+        eps: &[Ep<'_>],
+    ) -> EndpointSlice {
+        EndpointSlice {
+            address_type: "IPv4".into(),
+            metadata: ObjectMeta {
+                namespace: Some(ns.into()),
+                name: Some(format!("{service}-{}", eps.len())),
+                labels: Some([(SERVICE_NAME_LABEL.to_string(), service.to_string())].into()),
+                ..ObjectMeta::default()
+            },
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(n, p)| EndpointPort {
+                        name: n.map(str::to_string),
+                        port: Some(*p),
+                        ..EndpointPort::default()
+                    })
+                    .collect(),
+            ),
+            endpoints: Some(
+                eps.iter()
+                    .map(|(a, ready, serving, terminating)| Endpoint {
+                        addresses: vec![a.to_string()],
+                        conditions: Some(EndpointConditions {
+                            ready: *ready,
+                            serving: *serving,
+                            terminating: *terminating,
+                        }),
+                        ..Endpoint::default()
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    fn run(services: &[Service], slices: &[EndpointSlice], exports: &[(&str, &str)]) -> Mapped {
+        let exports = exports
+            .iter()
+            .map(|(ns, n)| ServiceRef {
+                namespace: ns.to_string(),
+                name: n.to_string(),
+            })
+            .collect();
+        map(
+            &cluster(),
+            &[],
+            &services.iter().collect::<Vec<_>>(),
+            &slices.iter().collect::<Vec<_>>(),
+            &exports,
+        )
+    }
+
+    fn backends_of(m: &Mapped) -> Vec<String> {
+        m.routes[0]
+            .backends
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn annotated_service_with_slice_and_export_is_an_exported_route() {
+        let svc = service(
+            "shop",
+            "orders",
+            &[
+                (ROUTE, "Orders.Apps.Internal"),
+                (
+                    ALLOWED_PEERS,
+                    "cluster:diego, spiffe://mesh.local/cluster/diego/gateway",
+                ),
+            ],
+            vec![port(Some("http"), 8080)],
+        );
+        let sl = slice(
+            "shop",
+            "orders",
+            &[(Some("http"), 9000)],
+            &[
+                ("10.0.0.2", Some(true), None, None),
+                ("10.0.0.1", None, None, None),
+            ],
+        );
+        let m = run(&[svc], &[sl], &[("shop", "orders")]);
+        assert!(m.rejected.is_empty(), "{:?}", m.rejected);
+        assert_eq!(m.routes.len(), 1);
+        let r = &m.routes[0];
+        assert_eq!(r.key.to_string(), "orders.apps.internal:8080");
+        assert_eq!(r.protocol, Protocol::Http);
+        assert_eq!(r.home_cluster, cluster());
+        assert!(r.exported);
+        assert_eq!(r.allowed_peers.len(), 2);
+        // Pod address and target port, sorted; an unset `ready` is ready.
+        assert_eq!(backends_of(&m), ["10.0.0.1:9000", "10.0.0.2:9000"]);
+        assert_eq!(m.verdicts.values().next(), Some(&Verdict::Routes));
+    }
+
+    #[test]
+    fn not_exported_without_export_or_annotation_and_export_annotation_exports() {
+        let m = run(
+            &[routed("a", "s", "s.apps.internal")],
+            &[],
+            &[("a", "other")],
+        );
+        assert!(!m.routes[0].exported);
+        assert!(m.routes[0].allowed_peers.is_empty());
+        let svc = service(
+            "a",
+            "s",
+            &[(ROUTE, "s.apps.internal"), (EXPORT, "true")],
+            vec![port(None, 80)],
+        );
+        assert!(run(&[svc], &[], &[]).routes[0].exported);
+        let svc = service(
+            "a",
+            "s",
+            &[(ROUTE, "s.apps.internal"), (EXPORT, "false")],
+            vec![port(None, 80)],
+        );
+        assert!(!run(&[svc.clone()], &[], &[]).routes[0].exported);
+        // A ServiceExport exports even with the annotation "false".
+        assert!(run(&[svc], &[], &[("a", "s")]).routes[0].exported);
+    }
+
+    #[test]
+    fn unannotated_services_are_not_routes() {
+        let svc = service("a", "plain", &[], vec![port(None, 80)]);
+        let m = run(&[svc], &[], &[("a", "plain")]);
+        assert!(m.routes.is_empty() && m.rejected.is_empty());
+        assert_eq!(m.verdicts.values().next(), Some(&Verdict::NotAnnotated));
+    }
+
+    #[test]
+    fn namespace_filter() {
+        let svcs = [
+            routed("a", "s", "a.apps.internal"),
+            routed("b", "s", "b.apps.internal"),
+        ];
+        let m = map(
+            &cluster(),
+            &["b".into()],
+            &svcs.iter().collect::<Vec<_>>(),
+            &[],
+            &HashSet::new(),
+        );
+        assert_eq!(m.routes.len(), 1);
+        assert_eq!(m.routes[0].key.name.as_str(), "b.apps.internal");
+    }
+
+    #[test]
+    fn one_route_per_tcp_port_and_port_selection() {
+        let mut udp = port(Some("dns"), 53);
+        udp.protocol = Some("UDP".into());
+        let ports = vec![
+            port(Some("http"), 8080),
+            port(Some("admin"), 9090),
+            udp.clone(),
+        ];
+        let svc = service("a", "s", &[(ROUTE, "s.apps.internal")], ports.clone());
+        let keys: Vec<u16> = run(&[svc], &[], &[])
+            .routes
+            .iter()
+            .map(|r| r.key.port)
+            .collect();
+        assert_eq!(keys, [8080, 9090]);
+        let svc = service(
+            "a",
+            "s",
+            &[(ROUTE, "s.apps.internal"), (PORTS, "9090, http")],
+            ports.clone(),
+        );
+        let keys: Vec<u16> = run(&[svc], &[], &[])
+            .routes
+            .iter()
+            .map(|r| r.key.port)
+            .collect();
+        assert_eq!(keys, [8080, 9090]);
+        let svc = service(
+            "a",
+            "s",
+            &[(ROUTE, "s.apps.internal"), (PORTS, "admin")],
+            ports.clone(),
+        );
+        let keys: Vec<u16> = run(&[svc], &[], &[])
+            .routes
+            .iter()
+            .map(|r| r.key.port)
+            .collect();
+        assert_eq!(keys, [9090]);
+        let svc = service(
+            "a",
+            "s",
+            &[(ROUTE, "s.apps.internal"), (PORTS, "dns")],
+            ports,
+        );
+        let m = run(&[svc], &[], &[]);
+        assert!(m.routes.is_empty());
+        assert!(
+            m.rejected[0].reason.contains("expected a TCP port"),
+            "{}",
+            m.rejected[0].reason
+        );
+    }
+
+    #[test]
+    fn protocol_rules() {
+        let mut app = port(Some("web"), 1);
+        app.app_protocol = Some("kubernetes.io/h2c".into());
+        assert_eq!(port_protocol(&app), Protocol::Http);
+        app.app_protocol = Some("https".into());
+        assert_eq!(port_protocol(&app), Protocol::Tls);
+        app.app_protocol = Some("tls".into());
+        assert_eq!(port_protocol(&app), Protocol::Tls);
+        // appProtocol decides over the name.
+        let mut p = port(Some("tls-x"), 1);
+        p.app_protocol = Some("http".into());
+        assert_eq!(port_protocol(&p), Protocol::Http);
+        // Not decisive: fall back to the name.
+        p.app_protocol = Some("kubernetes.io/ws".into());
+        assert_eq!(port_protocol(&p), Protocol::Tls);
+        assert_eq!(
+            port_protocol(&port(Some("http-metrics"), 1)),
+            Protocol::Http
+        );
+        assert_eq!(port_protocol(&port(Some("https"), 1)), Protocol::Tls);
+        assert_eq!(port_protocol(&port(Some("httpx"), 1)), Protocol::Tcp);
+        assert_eq!(port_protocol(&port(Some("grpc"), 1)), Protocol::Tcp);
+        assert_eq!(port_protocol(&port(None, 1)), Protocol::Tcp);
+        // The annotation decides over everything.
+        let svc = service(
+            "a",
+            "s",
+            &[(ROUTE, "s.apps.internal"), (PROTOCOL, "TCP")],
+            vec![port(Some("http"), 80)],
+        );
+        assert_eq!(run(&[svc], &[], &[]).routes[0].protocol, Protocol::Tcp);
+    }
+
+    #[test]
+    fn backends_match_the_port_by_name_and_prefer_ready() {
+        let svc = service(
+            "a",
+            "s",
+            &[(ROUTE, "s.apps.internal")],
+            vec![port(Some("web"), 80), port(Some("grpc"), 81)],
+        );
+        let s1 = slice(
+            "a",
+            "s",
+            &[(Some("web"), 8080), (Some("grpc"), 9090)],
+            &[("10.0.0.1", Some(true), Some(true), Some(false))],
+        );
+        // Same endpoint in a second slice (during a slice split) is one backend.
+        let s2 = slice(
+            "a",
+            "s",
+            &[(Some("web"), 8080)],
+            &[
+                ("10.0.0.1", Some(true), None, None),
+                ("10.0.0.3", Some(false), Some(false), Some(false)),
+            ],
+        );
+        // Another Service's slice, and a slice of the same name in another namespace.
+        let other = slice(
+            "a",
+            "t",
+            &[(Some("web"), 8080)],
+            &[("10.9.9.9", None, None, None)],
+        );
+        let elsewhere = slice(
+            "b",
+            "s",
+            &[(Some("web"), 8080)],
+            &[("10.8.8.8", None, None, None)],
+        );
+        let m = run(&[svc], &[s1, s2, other, elsewhere], &[]);
+        let web: Vec<String> = m.routes[0]
+            .backends
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let grpc: Vec<String> = m.routes[1]
+            .backends
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(web, ["10.0.0.1:8080"]);
+        assert_eq!(grpc, ["10.0.0.1:9090"]);
+    }
+
+    #[test]
+    fn unnamed_port_matches_unnamed_slice_port_and_ipv6_is_bracketed() {
+        let svc = service(
+            "a",
+            "s",
+            &[(ROUTE, "s.apps.internal")],
+            vec![port(None, 80)],
+        );
+        let sl = slice("a", "s", &[(None, 8080)], &[("fd00::1", None, None, None)]);
+        let m = run(&[svc], &[sl], &[]);
+        assert_eq!(backends_of(&m), ["[fd00::1]:8080"]);
+    }
+
+    #[test]
+    fn terminating_leave_and_serving_terminating_only_when_no_ready() {
+        let svc = routed("a", "s", "s.apps.internal");
+        let eps = [
+            ("10.0.0.1", Some(true), Some(true), Some(false)),
+            // Terminating and not serving: gone at once.
+            ("10.0.0.2", Some(false), Some(false), Some(true)),
+            // Serving but terminating: a fallback only.
+            ("10.0.0.3", Some(false), Some(true), Some(true)),
+            // Unready: not used.
+            ("10.0.0.4", Some(false), None, None),
+        ];
+        let sl = slice("a", "s", &[(Some("http"), 8080)], &eps);
+        assert_eq!(
+            backends_of(&run(&[svc.clone()], &[sl], &[])),
+            ["10.0.0.1:8080"]
+        );
+        let sl = slice("a", "s", &[(Some("http"), 8080)], &eps[1..]);
+        assert_eq!(
+            backends_of(&run(&[svc.clone()], &[sl], &[])),
+            ["10.0.0.3:8080"]
+        );
+        // No ready endpoint at all: still a route, with no backends.
+        let sl = slice("a", "s", &[(Some("http"), 8080)], &eps[3..]);
+        let m = run(&[svc], &[sl], &[]);
+        assert_eq!(m.routes.len(), 1);
+        assert!(m.routes[0].backends.is_empty());
+    }
+
+    fn refused(annotations: &[(&str, &str)]) -> Rejected {
+        let svc = service("ns", "bad", annotations, vec![port(Some("http"), 8080)]);
+        let good = routed("ns", "good", "good.apps.internal");
+        let m = run(&[svc, good], &[], &[]);
+        assert_eq!(m.routes.len(), 1, "the good Service applies");
+        assert_eq!(m.routes[0].key.name.as_str(), "good.apps.internal");
+        assert_eq!(m.rejected.len(), 1);
+        let r = m.rejected[0].clone();
+        assert_eq!(r.entry, "Service ns/bad");
+        let verdict = &m.verdicts[&ServiceRef {
+            namespace: "ns".into(),
+            name: "bad".into(),
+        }];
+        assert!(matches!(verdict, Verdict::Invalid(reason) if *reason == r.reason));
+        r
+    }
+
+    #[test]
+    fn bad_annotations_are_refused_with_reasons() {
+        let r = refused(&[(ROUTE, "not a name")]);
+        assert!(
+            r.reason.contains("isthmus.io/route") && r.reason.contains("not a name"),
+            "{}",
+            r.reason
+        );
+        let r = refused(&[(ROUTE, "b.apps.internal"), (PORTS, "nope")]);
+        assert!(
+            r.reason.contains("\"nope\"") && r.reason.contains("http (8080)"),
+            "{}",
+            r.reason
+        );
+        let r = refused(&[(ROUTE, "b.apps.internal"), (PORTS, " , ")]);
+        assert!(r.reason.contains("names no port"), "{}", r.reason);
+        let r = refused(&[
+            (ROUTE, "b.apps.internal"),
+            (ALLOWED_PEERS, "cluster:diego bogus"),
+        ]);
+        assert!(r.reason.contains("bogus"), "{}", r.reason);
+        let r = refused(&[(ROUTE, "b.apps.internal"), (EXPORT, "yes")]);
+        assert!(
+            r.reason.contains("\"yes\"") && r.reason.contains("\"true\" or \"false\""),
+            "{}",
+            r.reason
+        );
+        let r = refused(&[(ROUTE, "b.apps.internal"), (PROTOCOL, "udp")]);
+        assert!(
+            r.reason.contains("\"udp\"") && r.reason.contains("tcp, http or tls"),
+            "{}",
+            r.reason
+        );
+    }
+
+    #[test]
+    fn conflict_older_service_wins_then_namespace_name() {
+        let at = |s: i64| Some(Time(k8s_openapi::jiff::Timestamp::from_second(s).unwrap()));
+        let mut young = routed("a", "young", "x.apps.internal");
+        young.metadata.creation_timestamp = at(200);
+        let mut old = routed("z", "old", "x.apps.internal");
+        old.metadata.creation_timestamp = at(100);
+        let m = run(&[young.clone(), old.clone()], &[], &[]);
+        assert_eq!(m.routes.len(), 1);
+        assert_eq!(m.by_service.keys().next().unwrap().name, "old");
+        assert_eq!(m.rejected[0].entry, "Service a/young");
+        assert!(
+            m.rejected[0].reason.contains("Service z/old"),
+            "{}",
+            m.rejected[0].reason
+        );
+        assert!(matches!(
+            m.verdicts[&ServiceRef::of(&young.metadata)],
+            Verdict::Conflict(_)
+        ));
+        // Same age: namespace/name decides.
+        young.metadata.creation_timestamp = at(100);
+        let m = run(&[old, young], &[], &[]);
+        assert_eq!(m.rejected[0].entry, "Service z/old");
+    }
+}

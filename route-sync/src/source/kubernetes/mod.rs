@@ -628,3 +628,91 @@ async fn discover_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn svc(name: &str, annotations: &[(&str, &str)]) -> Service {
+        Service {
+            metadata: ObjectMeta {
+                namespace: Some("ns".into()),
+                name: Some(name.into()),
+                annotations: Some(
+                    annotations
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                ..ObjectMeta::default()
+            },
+            spec: Some(ServiceSpec {
+                ports: Some(vec![ServicePort {
+                    port: 80,
+                    ..ServicePort::default()
+                }]),
+                ..ServiceSpec::default()
+            }),
+            status: None,
+        }
+    }
+
+    fn settled(services: &[Service], last: &mut BTreeMap<ServiceRef, Vec<Route>>) -> Vec<String> {
+        let m = mapping::map(
+            &ClusterName::parse("k8s").unwrap(),
+            &[],
+            &services.iter().collect::<Vec<_>>(),
+            &[],
+            &HashSet::new(),
+        );
+        settle(&m, last)
+            .iter()
+            .map(|r| format!("{} exported={}", r.key, r.exported))
+            .collect()
+    }
+
+    #[test]
+    fn a_refused_service_keeps_its_last_good_routes_until_it_goes() {
+        let mut last = BTreeMap::new();
+        let good = svc(
+            "a",
+            &[
+                (mapping::ROUTE, "a.apps.internal"),
+                (mapping::EXPORT, "true"),
+            ],
+        );
+        assert_eq!(
+            settled(&[good], &mut last),
+            ["a.apps.internal:80 exported=true"]
+        );
+        // A typo in the export annotation: the route stays as it was.
+        let typo = svc(
+            "a",
+            &[
+                (mapping::ROUTE, "a.apps.internal"),
+                (mapping::EXPORT, "ture"),
+            ],
+        );
+        assert_eq!(
+            settled(&[typo.clone()], &mut last),
+            ["a.apps.internal:80 exported=true"]
+        );
+        assert_eq!(
+            settled(&[typo], &mut last),
+            ["a.apps.internal:80 exported=true"]
+        );
+        // The annotation removed: not a route any more.
+        assert!(settled(&[svc("a", &[])], &mut last).is_empty());
+        // Refused with no good version before: nothing to keep.
+        let typo = svc(
+            "a",
+            &[
+                (mapping::ROUTE, "a.apps.internal"),
+                (mapping::EXPORT, "ture"),
+            ],
+        );
+        assert!(settled(&[typo], &mut last).is_empty());
+    }
+}
