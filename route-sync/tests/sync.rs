@@ -584,3 +584,23 @@ async fn consumers_learn_freshness_even_when_the_table_does_not_change() {
     k8s.stop().await;
     diego.stop().await;
 }
+
+#[tokio::test]
+async fn a_watching_local_source_turns_stale_and_fresh_again() {
+    let ca = MeshCa::generate(TD).unwrap();
+    let node = start(&ca, "k8s", listener().await, vec![], None);
+    assert!(!node.handle.is_stale());
+    // The Kubernetes source lost its API server: the routes stay, marked stale.
+    node.local.replace_all([route("orders.apps.internal", "k8s", true)]);
+    node.handle.set_local_fresh(false);
+    assert!(node.handle.is_stale());
+    assert!(node.handle.status().stale);
+    eventually("the route still served", Duration::from_secs(2), || {
+        node.merged.snapshot().len() == 1
+    })
+    .await;
+    node.handle.set_local_fresh(true);
+    assert!(!node.handle.is_stale());
+    assert!(!node.handle.status().stale);
+    node.stop().await;
+}
