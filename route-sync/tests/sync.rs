@@ -591,7 +591,8 @@ async fn a_watching_local_source_turns_stale_and_fresh_again() {
     let node = start(&ca, "k8s", listener().await, vec![], None);
     assert!(!node.handle.is_stale());
     // The Kubernetes source lost its API server: the routes stay, marked stale.
-    node.local.replace_all([route("orders.apps.internal", "k8s", true)]);
+    node.local
+        .replace_all([route("orders.apps.internal", "k8s", true)]);
     node.handle.set_local_fresh(false);
     assert!(node.handle.is_stale());
     assert!(node.handle.status().stale);

@@ -581,7 +581,7 @@ mod tests {
             &[(ROUTE, "s.apps.internal"), (EXPORT, "false")],
             vec![port(None, 80)],
         );
-        assert!(!run(&[svc.clone()], &[], &[]).routes[0].exported);
+        assert!(!run(std::slice::from_ref(&svc), &[], &[]).routes[0].exported);
         // A ServiceExport exports even with the annotation "false".
         assert!(run(&[svc], &[], &[("a", "s")]).routes[0].exported);
     }
@@ -779,12 +779,12 @@ mod tests {
         ];
         let sl = slice("a", "s", &[(Some("http"), 8080)], &eps);
         assert_eq!(
-            backends_of(&run(&[svc.clone()], &[sl], &[])),
+            backends_of(&run(std::slice::from_ref(&svc), &[sl], &[])),
             ["10.0.0.1:8080"]
         );
         let sl = slice("a", "s", &[(Some("http"), 8080)], &eps[1..]);
         assert_eq!(
-            backends_of(&run(&[svc.clone()], &[sl], &[])),
+            backends_of(&run(std::slice::from_ref(&svc), &[sl], &[])),
             ["10.0.0.3:8080"]
         );
         // No ready endpoint at all: still a route, with no backends.

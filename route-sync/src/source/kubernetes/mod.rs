@@ -123,8 +123,10 @@ impl KubernetesSource {
         namespaces: Vec<String>,
         leadership: Leadership,
     ) -> Self {
-        let mut stats = KubeStats::default();
-        stats.stale = AtomicBool::new(true);
+        let stats = KubeStats {
+            stale: AtomicBool::new(true),
+            ..KubeStats::default()
+        };
         Self {
             client,
             cluster,
@@ -696,7 +698,7 @@ mod tests {
             ],
         );
         assert_eq!(
-            settled(&[typo.clone()], &mut last),
+            settled(std::slice::from_ref(&typo), &mut last),
             ["a.apps.internal:80 exported=true"]
         );
         assert_eq!(
