@@ -113,7 +113,7 @@ fn data_planes_keep_serving_while_route_sync_is_down() {
         world.wait_ready("diego/route-sync", LIMIT).await.unwrap();
         world.wait_ready("k8s/route-sync", LIMIT).await.unwrap();
         world.start_app(Cluster::K8s, App::Orders).await.unwrap();
-        world.export(Cluster::K8s, App::Orders).unwrap();
+        world.export(Cluster::K8s, App::Orders).await.unwrap();
         world
             .wait_answer(Cluster::K8s, App::Orders, Answer::Local, LIMIT)
             .await

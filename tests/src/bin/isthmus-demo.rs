@@ -145,6 +145,12 @@ fn print_layout(world: &World) {
             ingress.join(" ")
         );
     }
+    println!(
+        "  {:<5}  Kubernetes API {} (a fixture: see docs/architecture.md), kubectl with KUBECONFIG={}",
+        Cluster::K8s,
+        world.kube_api().url(),
+        world.kubeconfig().display()
+    );
 }
 
 fn print_try(world: &World) {
@@ -184,6 +190,10 @@ fn print_try(world: &World) {
     );
     println!(
         "  cargo run -q -p isthmus-route-sync -- status --config {dir}/config/diego-route-sync.yaml"
+    );
+    println!(
+        "  KUBECONFIG={} kubectl -n apps get services,endpointslices,serviceexports",
+        world.kubeconfig().display()
     );
     println!("  tail -f {dir}/logs/*.log");
 }

@@ -12,6 +12,7 @@
 
 pub mod apps;
 pub mod client;
+pub mod kube;
 pub mod net;
 pub mod procs;
 pub mod scenario;
@@ -28,6 +29,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use apps::{AppKind, Instance, PlatformDns};
+use kube::{Kube, KubeApp};
 use net::{Cluster, ClusterNet, Namespaces, Plan, host, port};
 use procs::{Kind, Proc};
 
@@ -195,6 +197,8 @@ pub struct World {
     procs: BTreeMap<String, Proc>,
     clusters: BTreeMap<Cluster, ClusterState>,
     stop: CancellationToken,
+    /// The k8s cluster's API server (a fixture) and kubectl.
+    kube: Kube,
     // Last: namespaces go after the processes and threads inside them.
     _ns: Option<Namespaces>,
 }
@@ -262,6 +266,14 @@ impl World {
                 },
             );
         }
+        let kube = Kube::start(
+            &clusters[&Cluster::K8s].net,
+            plan.private_at(Cluster::K8s, host::KUBE_API, port::KUBE_API),
+            &opts.dir,
+            opts.netns.then(|| plan.netns_name(Cluster::K8s)),
+        )
+        .await
+        .context("k8s: starting the Kubernetes API server fixture")?;
         let mut world = World {
             plan,
             opts,
@@ -269,11 +281,10 @@ impl World {
             procs: BTreeMap::new(),
             clusters,
             stop,
+            kube,
             _ns: ns,
         };
-        for c in Cluster::ALL {
-            world.write_routes(c)?;
-        }
+        world.write_routes(Cluster::Diego)?;
         for c in Cluster::ALL {
             world.spawn(c, "route-sync", Kind::RouteSync, world.route_sync_config(c))?;
             for i in 0..ingress_replicas(c) {
@@ -313,16 +324,22 @@ impl World {
             .join(format!("state/{c}-{component}-routes.pb"))
     }
 
-    /// Replaces the extra routes of `c`'s route file (see [`ExtraRoute`]) and rewrites it.
+    /// Replaces the extra routes of `c` (see [`ExtraRoute`]): diego's route file is
+    /// rewritten; in k8s each is a Service exported by annotation, with an EndpointSlice.
     ///
     /// # Errors
-    /// The file cannot be written.
+    /// The file or the API objects cannot be written.
     pub fn set_extra_routes(&mut self, c: Cluster, routes: Vec<ExtraRoute>) -> anyhow::Result<()> {
-        self.clusters
-            .get_mut(&c)
-            .expect("both clusters exist")
-            .extra = routes;
-        self.write_routes(c)
+        let state = self.clusters.get_mut(&c).expect("both clusters exist");
+        let old = std::mem::replace(&mut state.extra, routes);
+        match c {
+            Cluster::Diego => self.write_routes(c),
+            Cluster::K8s => self.kube.set_extra_routes(
+                &old,
+                &self.clusters[&c].extra,
+                &format!("cluster:{}", c.other()),
+            ),
+        }
     }
 
     /// A process by name.
@@ -386,10 +403,11 @@ impl World {
     }
 
     /// Starts an instance of `app` in `c` (`orders-k8s-0`, then `-1`...) and lists it in the
-    /// cluster's platform resolver. Returns the instance name.
+    /// cluster's platform resolver; in k8s also as a ready endpoint of the app's Service
+    /// (created, plain, the first time). Returns the instance name.
     ///
     /// # Errors
-    /// Its address cannot be bound.
+    /// Its address cannot be bound, or the API objects cannot be written.
     pub async fn start_app(&mut self, c: Cluster, app: App) -> anyhow::Result<String> {
         let addr = self.instance_addr(c, app);
         let state = self.clusters.get_mut(&c).expect("both clusters exist");
@@ -404,43 +422,100 @@ impl World {
             .with_context(|| format!("starting {name} on {addr}"))?;
         state.instances.insert(app, instance);
         state.dns.set(&app.host(), vec![addr.ip()]);
+        if c == Cluster::K8s {
+            self.kube.instance_started(&self.kube_app(app), addr)?;
+        }
         Ok(name)
     }
 
-    /// Removes `app` from the platform resolver and drains its instance in `c`.
-    pub async fn stop_app(&mut self, c: Cluster, app: App) {
-        let state = self.clusters.get_mut(&c).expect("both clusters exist");
-        state.dns.set(&app.host(), Vec::new());
-        if let Some(instance) = state.instances.remove(&app) {
-            state.net.run(instance.stop()).await;
-        }
-    }
-
-    /// Marks `app` as served by `c` and exported to the other cluster, in `c`'s route source.
+    /// Removes `app` from the platform resolver and drains its instance in `c`. In k8s its
+    /// endpoint turns terminating first and leaves the EndpointSlice once drained (the
+    /// Service stays, as a Deployment scaled to zero leaves it).
     ///
     /// # Errors
-    /// The route file cannot be written.
-    pub fn export(&mut self, c: Cluster, app: App) -> anyhow::Result<()> {
+    /// The EndpointSlice cannot be written.
+    pub async fn stop_app(&mut self, c: Cluster, app: App) -> anyhow::Result<()> {
+        let addr = self.instance_addr(c, app);
+        let kube_app = self.kube_app(app);
+        let state = self.clusters.get_mut(&c).expect("both clusters exist");
+        state.dns.set(&app.host(), Vec::new());
+        let Some(instance) = state.instances.remove(&app) else {
+            return Ok(());
+        };
+        if c == Cluster::K8s {
+            self.kube.instance_terminating(&kube_app, addr)?;
+        }
+        state.net.run(instance.stop()).await;
+        if c == Cluster::K8s {
+            self.kube.instance_gone(&kube_app)?;
+        }
+        Ok(())
+    }
+
+    /// Marks `app` as served by `c` and exported to the other cluster: in diego's route
+    /// file; in k8s with kubectl (the route annotations on the app's Service, then its MCS
+    /// ServiceExport), as docs/migration.md shows. Returns the kubectl commands run.
+    ///
+    /// # Errors
+    /// The route file cannot be written, or a kubectl command fails.
+    pub async fn export(&mut self, c: Cluster, app: App) -> anyhow::Result<Vec<String>> {
         let addr = self.instance_addr(c, app);
         self.clusters
             .get_mut(&c)
             .expect("both clusters exist")
             .exported
             .insert(app, addr);
-        self.write_routes(c)
+        match c {
+            Cluster::Diego => self.write_routes(c).map(|()| Vec::new()),
+            Cluster::K8s => self.kube.export(&self.kube_app(app)).await,
+        }
     }
 
-    /// Removes `app` from `c`'s route source.
+    /// Takes `app`'s route away in `c`: from diego's route file; in k8s with kubectl
+    /// (delete the ServiceExport, remove the route annotations). Returns the kubectl
+    /// commands run.
     ///
     /// # Errors
-    /// The route file cannot be written.
-    pub fn withdraw(&mut self, c: Cluster, app: App) -> anyhow::Result<()> {
+    /// The route file cannot be written, or a kubectl command fails.
+    pub async fn withdraw(&mut self, c: Cluster, app: App) -> anyhow::Result<Vec<String>> {
         self.clusters
             .get_mut(&c)
             .expect("both clusters exist")
             .exported
             .remove(&app);
-        self.write_routes(c)
+        match c {
+            Cluster::Diego => self.write_routes(c).map(|()| Vec::new()),
+            Cluster::K8s => self.kube.withdraw(&self.kube_app(app)).await,
+        }
+    }
+
+    /// Runs `kubectl <args>` against the k8s cluster's API (the fixture), as the operator.
+    ///
+    /// # Errors
+    /// kubectl fails; its stderr is in the error.
+    pub async fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
+        self.kube.kubectl(args).await
+    }
+
+    /// The operator's kubeconfig for the k8s cluster's API: `KUBECONFIG=<this> kubectl ...`
+    /// works against the running world.
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kube.kubeconfig
+    }
+
+    /// The k8s cluster's API server fixture, for checks of what is stored.
+    pub fn kube_api(&self) -> &crate::kubeapi::ApiServer {
+        self.kube.api()
+    }
+
+    fn kube_app(&self, app: App) -> KubeApp {
+        KubeApp {
+            service: app.short().to_owned(),
+            route: app.host(),
+            port: app.port(),
+            kind: app.kind(),
+            allowed_peers: format!("cluster:{}", Cluster::K8s.other()),
+        }
     }
 
     /// The address `c`'s shim answers for `app` now.
@@ -494,6 +569,46 @@ impl World {
         bail!(
             "{c}'s shim did not answer {} with {want:?} within {limit:?} (last: {last})",
             app.host()
+        )
+    }
+
+    /// Waits until k8s's route-sync has set `condition` (`Valid`, `Conflict`) of `app`'s
+    /// ServiceExport to `status` (`True`/`False`), read as the operator reads it, with
+    /// `kubectl get -o jsonpath`. Returns the condition's reason.
+    ///
+    /// # Errors
+    /// Not within `limit`: the last answer is in the error.
+    pub async fn wait_export_condition(
+        &self,
+        app: App,
+        condition: &str,
+        status: &str,
+        limit: Duration,
+    ) -> anyhow::Result<String> {
+        let path = format!(
+            "jsonpath={{.status.conditions[?(@.type==\"{condition}\")].status}} \
+             {{.status.conditions[?(@.type==\"{condition}\")].reason}}"
+        );
+        let export = format!("serviceexport/{}", app.short());
+        let start = Instant::now();
+        let mut last = String::new();
+        while start.elapsed() < limit {
+            match self
+                .kubectl(&["-n", kube::APPS_NAMESPACE, "get", &export, "-o", &path])
+                .await
+            {
+                Ok(out) => match out.split_once(' ') {
+                    Some((s, reason)) if s == status => return Ok(reason.trim().to_owned()),
+                    _ => last = out,
+                },
+                Err(e) => last = format!("{e:#}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        bail!(
+            "ServiceExport {}/{}: condition {condition} not {status} within {limit:?} (last: {last:?})",
+            kube::APPS_NAMESPACE,
+            app.short()
         )
     }
 
@@ -745,15 +860,25 @@ impl World {
 
     fn route_sync_config(&self, c: Cluster) -> String {
         let p = &self.plan;
+        let source = match c {
+            Cluster::Diego => format!(
+                "{{file: {}, poll_interval: {}ms}}",
+                self.routes_file(c).display(),
+                self.opts.poll.as_millis()
+            ),
+            Cluster::K8s => format!(
+                "{{kubernetes: {{namespaces: [{}], kubeconfig: {}}}}}",
+                kube::APPS_NAMESPACE,
+                self.kube.route_sync_kubeconfig.display()
+            ),
+        };
         format!(
             "cluster: {c}\ntrust_domain: {TRUST_DOMAIN}\ntls: {}\nlisten: \"{}\"\n\
-             admin: {{listen: \"{}\"}}\nsource: {{file: {}, poll_interval: {}ms}}\n\
+             admin: {{listen: \"{}\"}}\nsource: {source}\n\
              peers:\n  - {{cluster: {}, endpoints: [\"{}\"]}}\nstate_dir: {}\n{}",
             self.tls_block(c, "route-sync"),
             self.route_sync_endpoint(c),
             p.private_at(c, host::ROUTE_SYNC, port::ADMIN),
-            self.routes_file(c).display(),
-            self.opts.poll.as_millis(),
             c.other(),
             self.route_sync_endpoint(c.other()),
             self.opts

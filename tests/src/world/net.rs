@@ -67,6 +67,8 @@ pub mod host {
     pub const INGRESS: u8 = 4;
     /// The platform's own resolver (bosh-dns or CoreDNS stand-in).
     pub const PLATFORM_DNS: u8 = 8;
+    /// The Kubernetes API server (the fixture; k8s only, private).
+    pub const KUBE_API: u8 = 9;
     /// App instances from here up.
     pub const APPS: u8 = 10;
 }
@@ -79,6 +81,8 @@ pub mod port {
     pub const INGRESS: u16 = 15008;
     /// Admin servers.
     pub const ADMIN: u16 = 15020;
+    /// The Kubernetes API server.
+    pub const KUBE_API: u16 = 6443;
     /// DNS (shim and platform resolver): unprivileged, so no root is needed.
     pub const DNS: u16 = 10053;
 }

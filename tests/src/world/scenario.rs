@@ -73,9 +73,9 @@ pub async fn seed(world: &mut World, pace: &Pace) -> anyhow::Result<()> {
     world.start_app(Cluster::Diego, App::Orders).await?;
     world.start_app(Cluster::Diego, App::Billing).await?;
     world.start_app(Cluster::K8s, App::Echo).await?;
-    world.export(Cluster::Diego, App::Orders)?;
-    world.export(Cluster::Diego, App::Billing)?;
-    world.export(Cluster::K8s, App::Echo)?;
+    world.export(Cluster::Diego, App::Orders).await?;
+    world.export(Cluster::Diego, App::Billing).await?;
+    world.export(Cluster::K8s, App::Echo).await?;
     for (c, app, want) in [
         (Cluster::Diego, App::Orders, Answer::Local),
         (Cluster::K8s, App::Orders, Answer::Egress),
@@ -142,7 +142,7 @@ async fn retire(
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    world.stop_app(c, app).await;
+    world.stop_app(c, app).await?;
     say(format!(
         "    {} in {c} drained and stopped ({} ms after the move)",
         app.short(),
@@ -189,13 +189,14 @@ async fn steps(
 
     recorder.set_step(1);
     let name = world.start_app(k8s, App::Orders).await?;
-    world.export(k8s, App::Orders)?;
+    let commands = world.export(k8s, App::Orders).await?;
     say(format!(
-        "{} step {}: {name} started at {}, route exported to diego",
+        "{} step {}: {name} started at {} (ready in its EndpointSlice); exported to diego:",
         stamp(),
         STEPS[1],
         world.instance_addr(k8s, App::Orders)
     ));
+    show(say, &commands);
     let took = world
         .wait_answer(k8s, App::Orders, Answer::Local, limit)
         .await?;
@@ -208,10 +209,16 @@ async fn steps(
         .await
         .context("diego importing orders from k8s")?;
     say("    diego's route-sync imported it (conflict: diego's own route still wins)".into());
+    let reason = world
+        .wait_export_condition(App::Orders, "Valid", "True", limit)
+        .await?;
+    say(format!(
+        "    k8s's route-sync set the ServiceExport's Valid condition: True ({reason})"
+    ));
     hold(recorder, 1, pace).await;
 
     recorder.set_step(2);
-    world.withdraw(diego, App::Orders)?;
+    world.withdraw(diego, App::Orders).await?;
     say(format!(
         "{} step {}: orders removed from diego's routes",
         stamp(),
@@ -238,7 +245,7 @@ async fn steps(
 
     recorder.set_step(4);
     let name = world.start_app(diego, App::Orders).await?;
-    world.export(diego, App::Orders)?;
+    world.export(diego, App::Orders).await?;
     say(format!(
         "{} step {}: {name} started, diego exports orders again",
         stamp(),
@@ -255,8 +262,9 @@ async fn steps(
         .wait_route_count(k8s, "diego", 2, limit)
         .await
         .context("k8s importing orders from diego")?;
-    world.withdraw(k8s, App::Orders)?;
-    say("    k8s withdraws its route".into());
+    let commands = world.withdraw(k8s, App::Orders).await?;
+    say("    k8s withdraws its route:".into());
+    show(say, &commands);
     let took = world
         .wait_answer(k8s, App::Orders, Answer::Egress, limit)
         .await?;
@@ -271,6 +279,13 @@ async fn steps(
     say(format!("{} step {}", stamp(), STEPS[5]));
     hold(recorder, 5, pace).await;
     Ok(())
+}
+
+/// Prints the commands an operator would type, as they ran.
+fn show(say: &Say, commands: &[String]) {
+    for c in commands {
+        say(format!("      $ {c}"));
+    }
 }
 
 /// The closing table.
