@@ -192,8 +192,9 @@ async fn run(
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let step_down = async {
-            match held_until {
+        let until = held_until;
+        let step_down = async move {
+            match until {
                 Some(t) => tokio::time::sleep_until(t).await,
                 None => std::future::pending().await,
             }
@@ -347,6 +348,32 @@ mod tests {
         assert_eq!(
             decide("a", Some(&released), &mut None, t0),
             Step::Acquire("9".into())
+        );
+    }
+
+    #[test]
+    fn a_malformed_lease_is_decided_without_panicking() {
+        let t0 = Instant::now();
+        // No spec at all: nobody holds it.
+        let bare = Lease {
+            metadata: ObjectMeta {
+                resource_version: Some("3".into()),
+                ..ObjectMeta::default()
+            },
+            spec: None,
+        };
+        assert_eq!(
+            decide("a", Some(&bare), &mut None, t0),
+            Step::Acquire("3".into())
+        );
+        // A holder with a negative duration: its claim is judged expired once this replica
+        // has seen the same version (never at first sight, so a live holder is not raced).
+        let mut seen = None;
+        let odd = lease(Some("b"), "4", -5);
+        assert_eq!(decide("a", Some(&odd), &mut seen, t0), Step::Wait);
+        assert_eq!(
+            decide("a", Some(&odd), &mut seen, t0 + Duration::from_millis(1)),
+            Step::Acquire("4".into())
         );
     }
 

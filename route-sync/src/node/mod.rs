@@ -157,6 +157,8 @@ pub(crate) struct Shared {
     /// The mirror Services' ClusterIPs and egress ports (Kubernetes), once a mirror runs:
     /// then imported routes take `vip` and `egress_port` from it. Locked after `merger`.
     pub(crate) mirror_book: Mutex<Option<Arc<crate::k8s::mirror::AddressBook>>>,
+    /// What the mirror task last reported, for `status`; none without a mirror.
+    pub(crate) mirror_status: Mutex<Option<proto::MirrorStatus>>,
     pub(crate) epoch: String,
     pub(crate) local_loaded: AtomicBool,
     pub(crate) peers: Vec<(PeerSpec, Mutex<PeerState>)>,
@@ -175,6 +177,11 @@ impl Shared {
     pub(crate) fn stale(&self) -> bool {
         !self.local_loaded.load(Ordering::Acquire)
             || self.peers.iter().any(|(_, s)| lock(s).state != "connected")
+            // Imported routes' addresses come from the mirror's watch: until it has listed
+            // the Services, or while it fails, they may be missing or out of date.
+            || lock(&self.mirror_status)
+                .as_ref()
+                .is_some_and(|m| !m.synced || !m.last_error.is_empty())
     }
 
     /// Tells watchers when staleness changed. Call after changing what [`Shared::stale`]
@@ -313,7 +320,12 @@ impl Shared {
             Some(old) if *old == book => return,
             Some(old) => old.changed_names(&book),
             // The first book: every imported route may need its stamp (or none).
-            None => self.merged.snapshot().iter().map(|r| r.key.name.clone()).collect(),
+            None => self
+                .merged
+                .snapshot()
+                .iter()
+                .map(|r| r.key.name.clone())
+                .collect(),
         };
         let book = Arc::new(book);
         *slot = Some(Arc::clone(&book));
@@ -537,6 +549,7 @@ impl Node {
                 merger: Mutex::new(merger),
                 vips: vips_slot,
                 mirror_book: Mutex::new(None),
+                mirror_status: Mutex::new(None),
                 epoch,
                 local_loaded: AtomicBool::new(false),
                 peers,
@@ -685,6 +698,17 @@ impl NodeHandle {
     /// mirror calls it on every change its watch sees.
     pub fn set_mirror_book(&self, book: crate::k8s::mirror::AddressBook) {
         self.shared.set_mirror_book(book);
+    }
+
+    /// Replaces what `status` shows of the mirror (and what staleness counts of it).
+    pub fn set_mirror_status(&self, status: proto::MirrorStatus) {
+        let mut slot = lock(&self.shared.mirror_status);
+        if slot.as_ref() == Some(&status) {
+            return;
+        }
+        *slot = Some(status);
+        drop(slot);
+        self.shared.note_freshness();
     }
 }
 

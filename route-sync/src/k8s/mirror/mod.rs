@@ -10,30 +10,23 @@
 //!
 //! The API is the store: a route key keeps the target port its Service has, so restarts and
 //! leader changes keep every port and (the Service staying) every ClusterIP. Everything
-//! deciding is pure ([`service_name`], [`plan`], [`AddressBook::from_services`]); [`run`]
-//! watches, publishes the address book to the node, and, while this replica holds the
-//! Lease, writes.
+//! deciding is pure ([`service_name`], [`plan`], [`AddressBook::from_services`]), here with
+//! no sockets and no clock; [`run`] (in `task`) watches, publishes the address book to the
+//! node, and, while this replica holds the Lease, writes.
+
+mod task;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::ops::RangeInclusive;
-use std::time::Duration;
 
-use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::api::{Api, DeleteParams, PostParams};
-use kube::runtime::watcher;
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use tokio_util::sync::CancellationToken;
 
-use super::Leadership;
 use crate::model::{ClusterName, RouteKey, RouteName};
-use crate::node::NodeHandle;
+
+pub use task::{MirrorMetrics, MirrorSettings, ReasonLabels, WriteLabels, run};
 
 /// The standard label naming who manages an object; a Service without this value is never
 /// touched.
@@ -114,7 +107,10 @@ pub struct BadMirror {
 /// Whether `svc` carries the labels of a mirror Service.
 pub fn is_managed(svc: &Service) -> bool {
     let labels = svc.metadata.labels.as_ref();
-    labels.and_then(|l| l.get(MANAGED_BY_LABEL)).map(String::as_str) == Some(MANAGED_BY)
+    labels
+        .and_then(|l| l.get(MANAGED_BY_LABEL))
+        .map(String::as_str)
+        == Some(MANAGED_BY)
         && labels.and_then(|l| l.get(MIRROR_LABEL)).map(String::as_str) == Some("true")
 }
 
@@ -129,12 +125,20 @@ pub fn read_back(svc: &Service) -> Result<Mirrored, BadMirror> {
         what,
     };
     let annotations = svc.metadata.annotations.clone().unwrap_or_default();
-    let route = annotations
-        .get(ROUTE_ANNOTATION)
-        .ok_or_else(|| bad(format!("no {ROUTE_ANNOTATION} annotation (expected a route name)")))?;
-    let route = RouteName::parse(route)
-        .map_err(|e| bad(format!("{ROUTE_ANNOTATION}: {route:?} is not a route name: {e}")))?;
-    let home = annotations.get(HOME_ANNOTATION).cloned().unwrap_or_default();
+    let route = annotations.get(ROUTE_ANNOTATION).ok_or_else(|| {
+        bad(format!(
+            "no {ROUTE_ANNOTATION} annotation (expected a route name)"
+        ))
+    })?;
+    let route = RouteName::parse(route).map_err(|e| {
+        bad(format!(
+            "{ROUTE_ANNOTATION}: {route:?} is not a route name: {e}"
+        ))
+    })?;
+    let home = annotations
+        .get(HOME_ANNOTATION)
+        .cloned()
+        .unwrap_or_default();
     let spec = svc.spec.clone().unwrap_or_default();
     let mut ports = BTreeMap::new();
     for p in spec.ports.unwrap_or_default() {
@@ -146,7 +150,11 @@ pub fn read_back(svc: &Service) -> Result<Mirrored, BadMirror> {
             Some(IntOrString::Int(t)) => u16::try_from(*t).ok().filter(|t| *t != 0),
             _ => None,
         }
-        .ok_or_else(|| bad(format!("port {port}: expected a numeric targetPort 1-65535")))?;
+        .ok_or_else(|| {
+            bad(format!(
+                "port {port}: expected a numeric targetPort 1-65535"
+            ))
+        })?;
         ports.insert(port, target);
     }
     let cluster_ip = spec
@@ -204,7 +212,17 @@ pub enum Write {
     Delete(String),
 }
 
-/// Why a route key gets no egress port.
+/// Why a Service of a mirror's name cannot be written: route-sync does not own it, or owns
+/// it but cannot read it back (edited by hand).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InTheWay {
+    /// No Isthmus labels: someone else's.
+    Foreign,
+    /// Isthmus's labels, but not readable as a mirror Service: what is wrong.
+    Unreadable(String),
+}
+
+/// Why a route key or name gets no mirror Service.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refused {
     /// Every port of `mirror.egress_ports` is taken.
@@ -221,6 +239,19 @@ pub enum Refused {
         /// The Service in the way.
         service: String,
     },
+    /// The Service of the mirror name carries Isthmus's labels but cannot be read back.
+    #[error(
+        "{route}: mirror Service {service} cannot be read back ({what}); not overwriting a \
+         Service edited by hand (fix or delete it)"
+    )]
+    Unreadable {
+        /// The route name.
+        route: RouteName,
+        /// The Service in the way.
+        service: String,
+        /// What is wrong with it.
+        what: String,
+    },
 }
 
 impl Refused {
@@ -229,6 +260,7 @@ impl Refused {
         match self {
             Refused::PortsExhausted(_) => "ports_exhausted",
             Refused::Foreign { .. } => "foreign_service",
+            Refused::Unreadable { .. } => "unreadable_service",
         }
     }
 }
@@ -242,14 +274,15 @@ pub struct Plan {
     pub refused: Vec<Refused>,
 }
 
-/// Decides the mirror Services for `wanted` given the managed Services that exist
-/// (`existing`), the names of foreign Services in the way (`foreign`) and the egress port
-/// range. A key keeps the target port its Service has (when in range and not claimed
-/// twice); a new key takes the lowest free port; none left: refused. Pure.
+/// Decides the mirror Services for `wanted` given the managed Services that exist and read
+/// back (`existing`), the Services of mirror names that must not be written (`blocked`: not
+/// Isthmus's, or unreadable) and the egress port range. A key keeps the target port its
+/// Service has (when in range and not claimed twice); a new key takes the lowest free port;
+/// none left: refused. Pure.
 pub fn plan(
     wanted: &[Wanted],
     existing: &[Mirrored],
-    foreign: &BTreeSet<String>,
+    blocked: &BTreeMap<String, InTheWay>,
     range: &RangeInclusive<u16>,
     selector: &BTreeMap<String, String>,
 ) -> Plan {
@@ -259,12 +292,23 @@ pub fn plan(
     let mut wanted_names = BTreeMap::new();
     for w in wanted {
         let service = service_name(&w.route);
-        if foreign.contains(&service) {
-            refused.push(Refused::Foreign {
-                route: w.route.clone(),
-                service,
-            });
-            continue;
+        match blocked.get(&service) {
+            Some(InTheWay::Foreign) => {
+                refused.push(Refused::Foreign {
+                    route: w.route.clone(),
+                    service,
+                });
+                continue;
+            }
+            Some(InTheWay::Unreadable(what)) => {
+                refused.push(Refused::Unreadable {
+                    route: w.route.clone(),
+                    service,
+                    what: what.clone(),
+                });
+                continue;
+            }
+            None => {}
         }
         wanted_names.insert(service, w);
     }
@@ -273,7 +317,10 @@ pub fn plan(
     let mut taken = BTreeSet::new();
     let mut assigned: BTreeMap<&str, BTreeMap<u16, u16>> = BTreeMap::new();
     for (service, w) in &wanted_names {
-        let Some(old) = by_service.get(service.as_str()).filter(|m| m.route == w.route) else {
+        let Some(old) = by_service
+            .get(service.as_str())
+            .filter(|m| m.route == w.route)
+        else {
             continue;
         };
         for port in &w.ports {
@@ -439,330 +486,6 @@ impl AddressBook {
     }
 }
 
-/// Labels of a mirror write.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct WriteLabels {
-    /// create, replace or delete.
-    pub op: &'static str,
-    /// ok, conflict or error.
-    pub outcome: &'static str,
-}
-
-/// Labels of a refusal.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabels {
-    /// A fixed reason.
-    pub reason: &'static str,
-}
-
-/// The mirror's and the Lease's metrics.
-#[derive(Clone, Default)]
-pub struct MirrorMetrics {
-    /// 1 while this replica holds the Lease.
-    pub leader: Gauge,
-    /// Times this replica became or stopped being the holder.
-    pub transitions: Counter,
-    /// Writes to the API.
-    pub writes: Family<WriteLabels, Counter>,
-    /// Route keys refused a mirror (per reconcile that found them so), and Services that
-    /// could not be read back.
-    pub refused: Family<ReasonLabels, Counter>,
-    /// Mirror Services seen by the watch.
-    pub services: Gauge,
-}
-
-impl MirrorMetrics {
-    /// Registers under `isthmus_route_sync_mirror_*` and `..._lease_*`.
-    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
-        let r = registry.sub_registry_with_prefix("isthmus_route_sync");
-        r.register(
-            "lease_leader",
-            "1 while this replica holds the Lease and writes",
-            self.leader.clone(),
-        );
-        r.register(
-            "lease_transitions",
-            "Times this replica gained or lost the Lease",
-            self.transitions.clone(),
-        );
-        r.register(
-            "mirror_writes",
-            "Writes of mirror Services, by operation and outcome",
-            self.writes.clone(),
-        );
-        r.register(
-            "mirror_refused",
-            "Imported route keys refused a mirror Service, and unreadable mirror Services, by reason",
-            self.refused.clone(),
-        );
-        r.register(
-            "mirror_services",
-            "Mirror Services seen by the watch",
-            self.services.clone(),
-        );
-    }
-
-    fn write(&self, op: &'static str, outcome: &'static str) {
-        self.writes.get_or_create(&WriteLabels { op, outcome }).inc();
-    }
-}
-
-/// What [`run`] needs, as values.
-#[derive(Debug, Clone)]
-pub struct MirrorSettings {
-    /// Where the Services live (the only namespace written).
-    pub namespace: String,
-    /// The egress pods' labels.
-    pub egress_selector: BTreeMap<String, String>,
-    /// The egress ports handed out.
-    pub egress_ports: RangeInclusive<u16>,
-    /// A full reconcile at least this often, even when nothing was seen to change.
-    pub resync: Duration,
-}
-
-/// The imported route names of the node's merged table.
-fn wanted_of(node: &NodeHandle) -> Vec<Wanted> {
-    let table = node.merged().snapshot();
-    let cluster = node.cluster();
-    let mut by_name: BTreeMap<RouteName, Wanted> = BTreeMap::new();
-    for r in table.iter().filter(|r| r.home_cluster != cluster) {
-        by_name
-            .entry(r.key.name.clone())
-            .or_insert_with(|| Wanted {
-                route: r.key.name.clone(),
-                home: r.home_cluster.clone(),
-                ports: BTreeSet::new(),
-            })
-            .ports
-            .insert(r.key.port);
-    }
-    by_name.into_values().collect()
-}
-
-/// Watches the mirror Services of `settings.namespace`, keeps the node's address book in
-/// step, and while `leadership` says so, writes them to match the imports, until `stop`.
-pub async fn run(
-    client: kube::Client,
-    settings: MirrorSettings,
-    node: NodeHandle,
-    leadership: Leadership,
-    metrics: MirrorMetrics,
-    stop: CancellationToken,
-) {
-    let api: Api<Service> = Api::namespaced(client, &settings.namespace);
-    let config = watcher::Config::default().labels(&selector());
-    let mut events = std::pin::pin!(watcher::watcher(api.clone(), config));
-    let mut seen: BTreeMap<String, Service> = BTreeMap::new();
-    let mut initial: Option<BTreeMap<String, Service>> = None;
-    let mut synced = false;
-    let mut table = node.merged().subscribe();
-    let mut leader = leadership.receiver();
-    let mut resync = tokio::time::interval(settings.resync);
-    let mut foreign = BTreeSet::new();
-    node.set_mirror_book(AddressBook::default());
-    loop {
-        let mut dirty = false;
-        tokio::select! {
-            () = stop.cancelled() => return,
-            event = events.next() => match event {
-                None => return,
-                Some(Ok(event)) => {
-                    dirty = true;
-                    match event {
-                        watcher::Event::Init => initial = Some(BTreeMap::new()),
-                        watcher::Event::InitApply(svc) => {
-                            if let (Some(init), Some(name)) = (initial.as_mut(), svc.metadata.name.clone()) {
-                                init.insert(name, svc);
-                            }
-                        }
-                        watcher::Event::InitDone => {
-                            seen = initial.take().unwrap_or_default();
-                            synced = true;
-                        }
-                        watcher::Event::Apply(svc) => {
-                            if let Some(name) = svc.metadata.name.clone() {
-                                seen.insert(name, svc);
-                            }
-                        }
-                        watcher::Event::Delete(svc) => {
-                            if let Some(name) = &svc.metadata.name {
-                                seen.remove(name);
-                            }
-                        }
-                    }
-                    if synced {
-                        publish(&node, &seen, &metrics);
-                    }
-                }
-                Some(Err(e)) => {
-                    // The watcher relists by itself; what was seen stays (last known good).
-                    tracing::warn!(namespace = %settings.namespace, "watching mirror Services: {e}");
-                }
-            },
-            _ = table.changed() => dirty = true,
-            _ = leader.changed() => dirty = true,
-            _ = resync.tick() => {
-                dirty = true;
-                foreign.clear();
-            }
-        }
-        // Write only from a complete view of what exists: a partial one would create
-        // duplicates of Services not listed yet, or hand out their ports.
-        if dirty && synced && leadership.is_leader() {
-            reconcile(&api, &settings, &node, &leadership, &seen, &mut foreign, &metrics).await;
-        }
-    }
-}
-
-/// Reads back what the watch holds, counts what cannot be read, and publishes the book.
-/// `metrics` is given by the watch side only, so each unreadable Service is counted once
-/// per change seen rather than once more per reconcile.
-fn read_all(seen: &BTreeMap<String, Service>, metrics: Option<&MirrorMetrics>) -> Vec<Mirrored> {
-    seen.values()
-        .filter(|s| is_managed(s))
-        .filter_map(|s| match read_back(s) {
-            Ok(m) => Some(m),
-            Err(e) => {
-                if let Some(metrics) = metrics {
-                    tracing::warn!("{e}; it is left alone");
-                    metrics
-                        .refused
-                        .get_or_create(&ReasonLabels {
-                            reason: "bad_mirror_service",
-                        })
-                        .inc();
-                }
-                None
-            }
-        })
-        .collect()
-}
-
-fn publish(node: &NodeHandle, seen: &BTreeMap<String, Service>, metrics: &MirrorMetrics) {
-    let mirrored = read_all(seen, Some(metrics));
-    metrics
-        .services
-        .set(i64::try_from(mirrored.len()).unwrap_or(i64::MAX));
-    node.set_mirror_book(AddressBook::from_services(&mirrored));
-}
-
-async fn reconcile(
-    api: &Api<Service>,
-    settings: &MirrorSettings,
-    node: &NodeHandle,
-    leadership: &Leadership,
-    seen: &BTreeMap<String, Service>,
-    foreign: &mut BTreeSet<String>,
-    metrics: &MirrorMetrics,
-) {
-    let existing = read_all(seen, None);
-    let wanted = wanted_of(node);
-    let plan = plan(
-        &wanted,
-        &existing,
-        foreign,
-        &settings.egress_ports,
-        &settings.egress_selector,
-    );
-    for r in &plan.refused {
-        tracing::warn!("mirror refused: {r}");
-        metrics
-            .refused
-            .get_or_create(&ReasonLabels { reason: r.reason() })
-            .inc();
-    }
-    for write in plan.writes {
-        // Leadership may end mid-plan: stop writing at once.
-        if !leadership.is_leader() {
-            return;
-        }
-        let ns = &settings.namespace;
-        match write {
-            Write::Create(desired) => {
-                let svc = to_service(&desired, ns, &settings.egress_selector, None);
-                match api.create(&PostParams::default(), &svc).await {
-                    Ok(_) => {
-                        metrics.write("create", "ok");
-                        tracing::info!(service = %desired.service, route = %desired.route, "mirror Service created");
-                    }
-                    Err(kube::Error::Api(s)) if s.code == 409 => {
-                        metrics.write("create", "conflict");
-                        // Ours (the watch has not shown it yet) or someone else's: look.
-                        match api.get_opt(&desired.service).await {
-                            Ok(Some(other)) if !is_managed(&other) => {
-                                foreign.insert(desired.service.clone());
-                                let refused = Refused::Foreign {
-                                    route: desired.route.clone(),
-                                    service: desired.service.clone(),
-                                };
-                                tracing::warn!("mirror refused: {refused}");
-                                metrics
-                                    .refused
-                                    .get_or_create(&ReasonLabels {
-                                        reason: refused.reason(),
-                                    })
-                                    .inc();
-                            }
-                            Ok(_) => {}
-                            Err(e) => tracing::warn!(service = %desired.service, "reading a Service in the way: {e}"),
-                        }
-                    }
-                    Err(e) => {
-                        metrics.write("create", "error");
-                        tracing::warn!(service = %desired.service, "creating mirror Service: {e}");
-                    }
-                }
-            }
-            Write::Replace(desired, rv) => {
-                let svc = to_service(&desired, ns, &settings.egress_selector, rv);
-                // The ClusterIP is immutable: keep the one the API server gave.
-                let svc = keep_cluster_ip(svc, seen.get(&desired.service));
-                match api
-                    .replace(&desired.service, &PostParams::default(), &svc)
-                    .await
-                {
-                    Ok(_) => metrics.write("replace", "ok"),
-                    Err(kube::Error::Api(s)) if s.code == 409 => {
-                        // Changed since the watch showed it: the next event brings it.
-                        metrics.write("replace", "conflict");
-                    }
-                    Err(e) => {
-                        metrics.write("replace", "error");
-                        tracing::warn!(service = %desired.service, "replacing mirror Service: {e}");
-                    }
-                }
-            }
-            Write::Delete(service) => {
-                match api.delete(&service, &DeleteParams::default()).await {
-                    Ok(_) => {
-                        metrics.write("delete", "ok");
-                        tracing::info!(%service, "mirror Service deleted: its route left the imports");
-                    }
-                    Err(kube::Error::Api(s)) if s.code == 404 => metrics.write("delete", "ok"),
-                    Err(e) => {
-                        metrics.write("delete", "error");
-                        tracing::warn!(%service, "deleting mirror Service: {e}");
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// `svc` with the ClusterIP(s) of `current`, which a replace must carry unchanged.
-fn keep_cluster_ip(mut svc: Service, current: Option<&Service>) -> Service {
-    if let (Some(spec), Some(cur)) = (
-        svc.spec.as_mut(),
-        current.and_then(|c| c.spec.as_ref()),
-    ) {
-        spec.cluster_ip.clone_from(&cur.cluster_ip);
-        spec.cluster_ips.clone_from(&cur.cluster_ips);
-        spec.ip_families.clone_from(&cur.ip_families);
-        spec.ip_family_policy.clone_from(&cur.ip_family_policy);
-    }
-    svc
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -839,22 +562,31 @@ mod tests {
     fn new_keys_take_the_lowest_free_port_and_existing_ones_keep_theirs() {
         let range = 20000..=20009;
         let first = plan(
-            &[wanted("a.apps.internal", &[80, 81]), wanted("b.apps.internal", &[80])],
+            &[
+                wanted("a.apps.internal", &[80, 81]),
+                wanted("b.apps.internal", &[80]),
+            ],
             &[],
-            &BTreeSet::new(),
+            &BTreeMap::new(),
             &range,
             &sel(),
         );
         assert!(first.refused.is_empty());
         assert_eq!(first.writes.len(), 2);
         let state = applied(&[], &first);
-        let ports: BTreeSet<u16> = state.iter().flat_map(|m| m.ports.values().copied()).collect();
+        let ports: BTreeSet<u16> = state
+            .iter()
+            .flat_map(|m| m.ports.values().copied())
+            .collect();
         assert_eq!(ports, BTreeSet::from([20000, 20001, 20002]));
         // Same imports again (a restart, another leader): nothing to write.
         let again = plan(
-            &[wanted("a.apps.internal", &[80, 81]), wanted("b.apps.internal", &[80])],
+            &[
+                wanted("a.apps.internal", &[80, 81]),
+                wanted("b.apps.internal", &[80]),
+            ],
             &state,
-            &BTreeSet::new(),
+            &BTreeMap::new(),
             &range,
             &sel(),
         );
@@ -867,41 +599,123 @@ mod tests {
             .unwrap()
             .ports[&80];
         let next = plan(
-            &[wanted("b.apps.internal", &[80]), wanted("c.apps.internal", &[9000])],
+            &[
+                wanted("b.apps.internal", &[80]),
+                wanted("c.apps.internal", &[9000]),
+            ],
             &state,
-            &BTreeSet::new(),
+            &BTreeMap::new(),
             &range,
             &sel(),
         );
-        assert!(next.writes.contains(&Write::Delete(service_name(&name("a.apps.internal")))));
+        assert!(
+            next.writes
+                .contains(&Write::Delete(service_name(&name("a.apps.internal"))))
+        );
         let after = applied(&state, &next);
-        let get = |r: &str| after.iter().find(|m| m.route == name(r)).unwrap().ports.clone();
+        let get = |r: &str| {
+            after
+                .iter()
+                .find(|m| m.route == name(r))
+                .unwrap()
+                .ports
+                .clone()
+        };
         assert_eq!(get("b.apps.internal")[&80], b_port);
         assert_eq!(get("c.apps.internal")[&9000], 20000);
         // A new port of an existing name: the Service is replaced, its other port kept.
         let grown = plan(
-            &[wanted("b.apps.internal", &[80, 443]), wanted("c.apps.internal", &[9000])],
+            &[
+                wanted("b.apps.internal", &[80, 443]),
+                wanted("c.apps.internal", &[9000]),
+            ],
             &after,
-            &BTreeSet::new(),
+            &BTreeMap::new(),
             &range,
             &sel(),
         );
-        assert!(matches!(grown.writes.as_slice(), [Write::Replace(d, _)] if d.ports[&80] == b_port));
+        assert!(
+            matches!(grown.writes.as_slice(), [Write::Replace(d, _)] if d.ports[&80] == b_port)
+        );
+    }
+
+    #[test]
+    fn no_egress_port_is_used_twice_even_when_services_were_edited_to_share_one() {
+        let range = 20000..=20009;
+        let first = plan(
+            &[
+                wanted("a.apps.internal", &[80]),
+                wanted("b.apps.internal", &[80]),
+            ],
+            &[],
+            &BTreeMap::new(),
+            &range,
+            &sel(),
+        );
+        let mut state = applied(&[], &first);
+        // Someone set b's target port to a's, and another's to one out of the range.
+        let a_port = state[0].ports[&80];
+        state[1].ports.insert(80, a_port);
+        let next = plan(
+            &[
+                wanted("a.apps.internal", &[80]),
+                wanted("b.apps.internal", &[80]),
+            ],
+            &state,
+            &BTreeMap::new(),
+            &range,
+            &sel(),
+        );
+        let after = applied(&state, &next);
+        let ports: Vec<u16> = after
+            .iter()
+            .flat_map(|m| m.ports.values().copied())
+            .collect();
+        assert_eq!(ports.len(), 2);
+        assert_ne!(ports[0], ports[1], "{after:?}");
+        assert!(ports.iter().all(|p| range.contains(p)));
+        // The one that kept the port is a (first by name); b was moved.
+        assert_eq!(after[0].ports[&80], a_port);
+        let mut out_of_range = after.clone();
+        out_of_range[0].ports.insert(80, 40000);
+        let fixed = applied(
+            &out_of_range,
+            &plan(
+                &[
+                    wanted("a.apps.internal", &[80]),
+                    wanted("b.apps.internal", &[80]),
+                ],
+                &out_of_range,
+                &BTreeMap::new(),
+                &range,
+                &sel(),
+            ),
+        );
+        assert!(
+            fixed.iter().all(|m| range.contains(&m.ports[&80])),
+            "{fixed:?}"
+        );
     }
 
     #[test]
     fn an_exhausted_range_refuses_the_key_with_its_reason() {
         let range = 20000..=20001;
         let p = plan(
-            &[wanted("a.apps.internal", &[80, 81]), wanted("b.apps.internal", &[80])],
+            &[
+                wanted("a.apps.internal", &[80, 81]),
+                wanted("b.apps.internal", &[80]),
+            ],
             &[],
-            &BTreeSet::new(),
+            &BTreeMap::new(),
             &range,
             &sel(),
         );
         assert_eq!(
             p.refused,
-            [Refused::PortsExhausted(RouteKey::new(name("b.apps.internal"), 80))]
+            [Refused::PortsExhausted(RouteKey::new(
+                name("b.apps.internal"),
+                80
+            ))]
         );
         assert_eq!(p.refused[0].reason(), "ports_exhausted");
         // b has no port at all: no Service (one with no port is invalid).
@@ -910,16 +724,42 @@ mod tests {
 
     #[test]
     fn a_foreign_service_in_the_way_is_refused_never_written() {
-        let foreign = BTreeSet::from([service_name(&name("a.apps.internal"))]);
+        let a = service_name(&name("a.apps.internal"));
+        let foreign = BTreeMap::from([(a.clone(), InTheWay::Foreign)]);
         let p = plan(
-            &[wanted("a.apps.internal", &[80])],
+            &[
+                wanted("a.apps.internal", &[80]),
+                wanted("b.apps.internal", &[80]),
+            ],
             &[],
             &foreign,
             &(20000..=20009),
             &sel(),
         );
-        assert!(p.writes.is_empty());
+        // b is written; a is not, and its refusal names the route and the Service.
+        assert!(
+            matches!(p.writes.as_slice(), [Write::Create(d)] if d.route == name("b.apps.internal")),
+            "{p:?}"
+        );
+        assert_eq!(p.refused.len(), 1);
         assert_eq!(p.refused[0].reason(), "foreign_service");
+        let text = p.refused[0].to_string();
+        assert!(
+            text.contains(&a) && text.contains("a.apps.internal"),
+            "{text}"
+        );
+        // One of ours edited beyond reading is refused too, with what is wrong.
+        let unreadable = BTreeMap::from([(a.clone(), InTheWay::Unreadable("no ports".into()))]);
+        let p = plan(
+            &[wanted("a.apps.internal", &[80])],
+            &[],
+            &unreadable,
+            &(20000..=20009),
+            &sel(),
+        );
+        assert!(p.writes.is_empty());
+        assert_eq!(p.refused[0].reason(), "unreadable_service");
+        assert!(p.refused[0].to_string().contains("no ports"));
         // And a Service without the labels is not managed, whatever its annotations say.
         let mut svc = to_service(
             &Desired {
@@ -964,7 +804,8 @@ mod tests {
         let mut twin = m.clone();
         twin.service = "s2".into();
         assert_eq!(
-            AddressBook::from_services([&m, &twin]).stamp(&RouteKey::new(name("a.apps.internal"), 80)),
+            AddressBook::from_services([&m, &twin])
+                .stamp(&RouteKey::new(name("a.apps.internal"), 80)),
             (None, None)
         );
         assert_eq!(
@@ -989,7 +830,10 @@ mod tests {
         svc.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].target_port =
             Some(IntOrString::String("http".into()));
         let e = read_back(&svc).unwrap_err();
-        assert!(e.to_string().contains("s1") && e.to_string().contains("targetPort"), "{e}");
+        assert!(
+            e.to_string().contains("s1") && e.to_string().contains("targetPort"),
+            "{e}"
+        );
         svc.metadata.annotations = None;
         let e = read_back(&svc).unwrap_err();
         assert!(e.to_string().contains(ROUTE_ANNOTATION), "{e}");
