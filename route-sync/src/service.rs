@@ -75,7 +75,7 @@ pub async fn run(cfg: RouteSyncConfig, stop: CancellationToken) -> anyhow::Resul
         .add("route-sync", &files, &tls)
         .register(&mut registry);
     let health = Health::new();
-    start_local_source(&cfg, &node, &mut registry, &health, &stop).await?;
+    let lease = start_local_source(&cfg, &node, &mut registry, &health, &stop).await?;
     let admin = AdminServer::bind(cfg.admin.listen, Arc::new(registry), health.clone())
         .await
         .with_context(|| format!("binding the admin server on {}", cfg.admin.listen))?;
@@ -86,27 +86,38 @@ pub async fn run(cfg: RouteSyncConfig, stop: CancellationToken) -> anyhow::Resul
     node.run(stop.clone()).await;
     health.set_not_ready("stopped");
     let _ = admin_task.await;
+    if let Some(lease) = lease {
+        // The holder releases the Lease on the way out (bounded inside), so the other
+        // replica takes over at its next attempt instead of after the whole duration.
+        let _ = lease.await;
+    }
     tracing::info!("stopped");
     Ok(())
 }
 
 /// Starts the local route source the configuration names (`source.file` or
 /// `source.kubernetes`), registers its metrics, and keeps the node's and health's
-/// freshness current.
+/// freshness current. Returns the Lease elector's task when a mirror runs.
 async fn start_local_source(
     cfg: &RouteSyncConfig,
     node: &Node,
     registry: &mut prometheus_client::registry::Registry,
     health: &Health,
     stop: &CancellationToken,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
     let handle = node.handle();
+    let mut lease = None;
     if let Some(k8s) = &cfg.source.kubernetes {
         let client = crate::k8s::client(k8s).await?;
         // With a mirror, the Lease holder alone writes (mirror Services and ServiceExport
         // status); without one, this is the only replica that writes.
         let leadership = match &cfg.mirror {
-            Some(mirror) => start_mirror(mirror, client.clone(), handle.clone(), registry, stop)?,
+            Some(mirror) => {
+                let (leadership, task) =
+                    start_mirror(mirror, client.clone(), handle.clone(), registry, stop)?;
+                lease = Some(task);
+                leadership
+            }
             None => crate::k8s::Leadership::always(),
         };
         let source = KubernetesSource::new(
@@ -166,18 +177,18 @@ async fn start_local_source(
             }
         });
     }
-    Ok(())
+    Ok(lease)
 }
 
 /// Starts the Lease elector and the mirror Services task of `mirror`, registering their
-/// metrics; returns the Leadership the Lease keeps.
+/// metrics; returns the Leadership the Lease keeps and the elector's task.
 fn start_mirror(
     mirror: &crate::config::MirrorConfig,
     client: kube::Client,
     node: crate::node::NodeHandle,
     registry: &mut prometheus_client::registry::Registry,
     stop: &CancellationToken,
-) -> anyhow::Result<crate::k8s::Leadership> {
+) -> anyhow::Result<(crate::k8s::Leadership, tokio::task::JoinHandle<()>)> {
     let egress_ports = crate::config::parse_port_range(&mirror.egress_ports)
         .map_err(|e| anyhow::anyhow!("mirror.egress_ports: {e}"))?;
     let identity = lease_identity(mirror.lease.identity.as_deref())?;
@@ -196,7 +207,7 @@ fn start_mirror(
         duration = ?lease.duration,
         "mirror Services: written by the Lease holder"
     );
-    let (leadership, _lease_task) =
+    let (leadership, lease_task) =
         crate::k8s::lease::spawn(client.clone(), lease, metrics.clone(), stop.clone());
     let settings = crate::k8s::mirror::MirrorSettings {
         namespace: mirror.namespace.clone(),
@@ -213,7 +224,7 @@ fn start_mirror(
         metrics,
         stop.clone(),
     ));
-    Ok(leadership)
+    Ok((leadership, lease_task))
 }
 
 /// How often the mirror reconciles even when it saw no change, and looks again at Services

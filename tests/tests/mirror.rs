@@ -266,6 +266,12 @@ impl Replica {
             .unwrap_or_else(|e| format!("no status: {e:#}"))
     }
 
+    /// A graceful stop, as on SIGTERM.
+    fn stop(&mut self) {
+        self.stop.cancel();
+        self.join();
+    }
+
     fn kill(&mut self) {
         if let Some(kill) = self.kill.take() {
             let _ = kill.send(());
@@ -557,4 +563,61 @@ async fn only_the_lease_holder_writes_and_a_killed_holder_hands_over_within_the_
         .unwrap();
     assert_eq!(lease["spec"]["holderIdentity"], "rs-b");
     stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_holder_releases_the_lease_and_the_other_writes_before_it_would_expire() {
+    let s = Setup::new(&["rs-a", "rs-b"]).await;
+    s.diego_routes(&[("orders.apps.internal", 8080)]);
+    let (diego_addr, a_addr, b_addr) = (free_addr(), free_addr(), free_addr());
+    let _diego = Replica::start("diego", s.diego_config(diego_addr, &[a_addr, b_addr]));
+    let mut a = s.k8s_config("rs-a", a_addr, diego_addr);
+    wait_for("rs-a holds the Lease", LIMIT, async || {
+        (a.metric("isthmus_route_sync_lease_leader ").await == 1.0).then_some(())
+    })
+    .await;
+    let b = s.k8s_config("rs-b", b_addr, diego_addr);
+    let orders_name = mirror_name("orders.apps.internal");
+    wait_for("the orders mirror Service", LIMIT, async || {
+        s.mirrors().get(&orders_name).cloned()
+    })
+    .await;
+    // b is up and reading before a goes.
+    wait_for("rs-b lists the mirror Services", LIMIT, async || {
+        b.status()
+            .await
+            .contains("1 Services in isthmus, reader")
+            .then_some(())
+    })
+    .await;
+
+    a.stop();
+    let stopped = Instant::now();
+    let lease = s
+        .api
+        .get(Resource::Leases, NS, "isthmus-route-sync")
+        .unwrap();
+    // Released on the way out, unless rs-b was already quicker.
+    assert_ne!(lease["spec"]["holderIdentity"], "rs-a", "{lease}");
+    wait_for("rs-b holds the Lease", LIMIT, async || {
+        (b.metric("isthmus_route_sync_lease_leader ").await == 1.0).then_some(())
+    })
+    .await;
+    // A released Lease is taken at the next attempt: sooner than the duration a claim of a
+    // killed holder must be waited out.
+    assert!(
+        stopped.elapsed() < LEASE,
+        "took {:?} after a graceful stop (lease {LEASE:?})",
+        stopped.elapsed()
+    );
+    s.diego_routes(&[
+        ("orders.apps.internal", 8080),
+        ("billing.apps.internal", 8080),
+    ]);
+    let billing_name = mirror_name("billing.apps.internal");
+    wait_for("rs-b mirrors billing", LIMIT, async || {
+        s.mirrors().contains_key(&billing_name).then_some(())
+    })
+    .await;
+    assert_eq!(s.mirrors().len(), 2);
 }
