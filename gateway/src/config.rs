@@ -13,6 +13,7 @@
 //!   listen_address: 0.0.0.0      # one listener per port of any route (VIP, Host, SNI)
 //!   vip_range: 100.64.0.0/16     # addresses here are VIPs: never peeked
 //!   bind_vips: false             # true: also one listener per route vip:port
+//!   bind_egress_ports: false     # true: one listener per route egress_port (Kubernetes mirror)
 //!   dedicated:
 //!     - {listen: "127.0.0.1:18080", route: "orders.apps.internal:8080"}
 //! ```
@@ -252,6 +253,9 @@ fn default_peek_bytes() -> usize {
 fn default_bind_vips() -> bool {
     false
 }
+fn default_bind_egress_ports() -> bool {
+    false
+}
 
 impl Default for IngressConfig {
     fn default() -> Self {
@@ -336,6 +340,16 @@ pub struct EgressConfig {
     /// local addresses of the host; `listen_address`, if set, must then be a specific address.
     #[serde(default = "default_bind_vips")]
     pub bind_vips: bool,
+    /// Bind one listener on `listen_address:<egress_port>` for every route carrying an
+    /// `egress_port` (route-sync's mirror Services on Kubernetes give each imported route
+    /// one: the Service's target port), following the table. A connection on such a
+    /// listener is for the route owning that port; one on a port no route owns (yet) waits
+    /// `route_wait` for the table, then is refused (`unknown_egress_port`). kube-proxy
+    /// translates a call to the mirror Service's ClusterIP to this pod's address and the
+    /// target port, so the port is all the egress sees of which route was called. Needs
+    /// `listen_address`.
+    #[serde(default = "default_bind_egress_ports")]
+    pub bind_egress_ports: bool,
     /// Listeners bound to one route each.
     #[serde(default)]
     pub dedicated: Vec<DedicatedListener>,
@@ -421,6 +435,7 @@ impl EgressConfig {
             listen_address: None,
             vip_range: None,
             bind_vips: default_bind_vips(),
+            bind_egress_ports: default_bind_egress_ports(),
             dedicated: Vec::new(),
             peek_timeout: default_handshake(),
             peek_max_bytes: default_peek_bytes(),
@@ -555,6 +570,13 @@ impl Validate for EgressConfig {
                  already holds every port, so per-VIP listeners could not bind",
             ));
         }
+        if self.bind_egress_ports && self.listen_address.is_none() {
+            return Err(FieldError::new(
+                "listen_address",
+                "an address to bind the egress-port listeners on (e.g. 0.0.0.0) with \
+                 bind_egress_ports: true",
+            ));
+        }
         if self.pool.dead_after.get() < std::time::Duration::from_millis(100) {
             return Err(FieldError::new("pool.dead_after", "at least 100ms"));
         }
@@ -599,6 +621,16 @@ mod tests {
         );
         let err = egress("vip_range: 100.64.1.0/16\nlisten_address: 0.0.0.0").unwrap_err();
         assert!(err.contains("vip_range"), "{err}");
+        assert!(
+            !EgressConfig::with_peers(Vec::new()).bind_egress_ports,
+            "egress-port listeners are opt-in"
+        );
+        assert!(egress("bind_egress_ports: true\nlisten_address: 0.0.0.0").is_ok());
+        let err = egress("bind_egress_ports: true").unwrap_err();
+        assert!(
+            err.contains("listen_address") && err.contains("bind_egress_ports"),
+            "{err}"
+        );
         let err = egress("bind_vips: true\nlisten_address: 0.0.0.0").unwrap_err();
         assert!(
             err.contains("listen_address") && err.contains("wildcard"),

@@ -75,7 +75,7 @@ pub async fn run(cfg: RouteSyncConfig, stop: CancellationToken) -> anyhow::Resul
         .add("route-sync", &files, &tls)
         .register(&mut registry);
     let health = Health::new();
-    start_local_source(&cfg, &node, &mut registry, &health, &stop).await?;
+    let lease = start_local_source(&cfg, &node, &mut registry, &health, &stop).await?;
     let admin = AdminServer::bind(cfg.admin.listen, Arc::new(registry), health.clone())
         .await
         .with_context(|| format!("binding the admin server on {}", cfg.admin.listen))?;
@@ -86,25 +86,40 @@ pub async fn run(cfg: RouteSyncConfig, stop: CancellationToken) -> anyhow::Resul
     node.run(stop.clone()).await;
     health.set_not_ready("stopped");
     let _ = admin_task.await;
+    if let Some(lease) = lease {
+        // The holder releases the Lease on the way out (bounded inside), so the other
+        // replica takes over at its next attempt instead of after the whole duration.
+        let _ = lease.await;
+    }
     tracing::info!("stopped");
     Ok(())
 }
 
 /// Starts the local route source the configuration names (`source.file` or
 /// `source.kubernetes`), registers its metrics, and keeps the node's and health's
-/// freshness current.
+/// freshness current. Returns the Lease elector's task when a mirror runs.
 async fn start_local_source(
     cfg: &RouteSyncConfig,
     node: &Node,
     registry: &mut prometheus_client::registry::Registry,
     health: &Health,
     stop: &CancellationToken,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
     let handle = node.handle();
+    let mut lease = None;
     if let Some(k8s) = &cfg.source.kubernetes {
         let client = crate::k8s::client(k8s).await?;
-        // Until a Lease is configured, this replica writes ServiceExport status.
-        let leadership = crate::k8s::Leadership::always();
+        // With a mirror, the Lease holder alone writes (mirror Services and ServiceExport
+        // status); without one, this is the only replica that writes.
+        let leadership = match &cfg.mirror {
+            Some(mirror) => {
+                let (leadership, task) =
+                    start_mirror(mirror, client.clone(), handle.clone(), registry, stop)?;
+                lease = Some(task);
+                leadership
+            }
+            None => crate::k8s::Leadership::always(),
+        };
         let source = KubernetesSource::new(
             client,
             ClusterName::parse(&cfg.cluster)?,
@@ -162,7 +177,80 @@ async fn start_local_source(
             }
         });
     }
-    Ok(())
+    Ok(lease)
+}
+
+/// Starts the Lease elector and the mirror Services task of `mirror`, registering their
+/// metrics; returns the Leadership the Lease keeps and the elector's task.
+fn start_mirror(
+    mirror: &crate::config::MirrorConfig,
+    client: kube::Client,
+    node: crate::node::NodeHandle,
+    registry: &mut prometheus_client::registry::Registry,
+    stop: &CancellationToken,
+) -> anyhow::Result<(crate::k8s::Leadership, tokio::task::JoinHandle<()>)> {
+    let egress_ports = crate::config::parse_port_range(&mirror.egress_ports)
+        .map_err(|e| anyhow::anyhow!("mirror.egress_ports: {e}"))?;
+    let identity = lease_identity(mirror.lease.identity.as_deref())?;
+    let metrics = crate::k8s::mirror::MirrorMetrics::default();
+    metrics.register(registry);
+    let lease = crate::k8s::lease::LeaseSettings {
+        namespace: mirror.namespace.clone(),
+        name: mirror.lease.name.clone(),
+        identity: identity.clone(),
+        duration: mirror.lease.duration.get(),
+    };
+    tracing::info!(
+        namespace = %mirror.namespace,
+        lease = %lease.name,
+        %identity,
+        duration = ?lease.duration,
+        "mirror Services: written by the Lease holder"
+    );
+    let (leadership, lease_task) =
+        crate::k8s::lease::spawn(client.clone(), lease, metrics.clone(), stop.clone());
+    let settings = crate::k8s::mirror::MirrorSettings {
+        namespace: mirror.namespace.clone(),
+        egress_selector: mirror.egress_selector.clone(),
+        egress_ports,
+        resync: MIRROR_RESYNC,
+        lease: Some(mirror.lease.name.clone()),
+    };
+    tokio::spawn(crate::k8s::mirror::run(
+        client,
+        settings,
+        node,
+        leadership.clone(),
+        metrics,
+        stop.clone(),
+    ));
+    Ok((leadership, lease_task))
+}
+
+/// How often the mirror reconciles even when it saw no change, and looks again at Services
+/// in the way.
+const MIRROR_RESYNC: Duration = Duration::from_secs(60);
+
+/// This replica's Lease identity: the configured one, else `$POD_NAME` (the Deployment sets
+/// it from the downward API), else the host name. Read here, at the process edge.
+fn lease_identity(configured: Option<&str>) -> anyhow::Result<String> {
+    if let Some(id) = configured {
+        return Ok(id.to_string());
+    }
+    if let Ok(pod) = std::env::var("POD_NAME")
+        && !pod.is_empty()
+    {
+        return Ok(pod);
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    anyhow::ensure!(
+        !host.is_empty(),
+        "mirror.lease.identity: not set, no $POD_NAME and no host name; set it in the config"
+    );
+    Ok(host)
 }
 
 /// Asks a running node (`server`, else the config's `listen`) for its status, rendered as

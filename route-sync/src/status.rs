@@ -51,6 +51,31 @@ pub fn render(status: &StatusReply, ours: &[String]) -> String {
             let _ = writeln!(out, "vips        (none configured)");
         }
     }
+    match &status.mirror {
+        Some(m) => {
+            let writer = match (m.lease.is_empty(), m.writer) {
+                (true, _) => "writer (no Lease)".to_string(),
+                (false, true) => format!("writer (holds Lease {})", m.lease),
+                (false, false) => format!("reader (Lease {} held elsewhere)", m.lease),
+            };
+            let _ = writeln!(
+                out,
+                "mirror      {} Services in {}, {writer}{}",
+                m.services,
+                m.namespace,
+                if m.synced { "" } else { ", NOT LISTED YET" }
+            );
+            if !m.last_error.is_empty() {
+                let _ = writeln!(out, "  watch error: {}", m.last_error);
+            }
+            for r in &m.refused {
+                let _ = writeln!(out, "  refused: {r}");
+            }
+        }
+        None => {
+            let _ = writeln!(out, "mirror      (none configured)");
+        }
+    }
     let _ = writeln!(out, "\npeers");
     if status.peers.is_empty() {
         let _ = writeln!(out, "  (none)");
@@ -146,9 +171,26 @@ mod tests {
                 exhausted: 1,
                 ..crate::proto::VipStatus::default()
             }),
+            mirror: Some(crate::proto::MirrorStatus {
+                namespace: "isthmus".into(),
+                lease: "isthmus-route-sync".into(),
+                writer: false,
+                synced: true,
+                services: 2,
+                refused: vec!["a.apps.internal: Service a is not managed".into()],
+                last_error: String::new(),
+            }),
             ..StatusReply::default()
         };
         let text = render(&status, &["CA1".to_string()]);
+        assert!(
+            text.contains("mirror      2 Services in isthmus, reader (Lease isthmus-route-sync held elsewhere)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  refused: a.apps.internal: Service a is not managed"),
+            "{text}"
+        );
         assert!(
             text.contains("100.64.0.0/16 (hold 3600s): 3 assigned"),
             "{text}"

@@ -3,12 +3,17 @@
 //!
 //! The rules, in order:
 //! 1. a **dedicated** listener names its route;
-//! 2. a local address that is a route's **VIP** names that route's name, on the port dialled;
+//! 2. an **egress-port** listener (`bind_egress_ports`) names the route whose `egress_port`
+//!    the connection arrived on; a port that is no route's (yet) is refused as
+//!    `unknown_egress_port`, after the caller's wait for the table. On Kubernetes this is
+//!    all the egress sees of a call to a mirror Service: kube-proxy rewrote the ClusterIP
+//!    to this pod's address and the Service's target port;
+//! 3. a local address that is a route's **VIP** names that route's name, on the port dialled;
 //!    an address that is a VIP of nobody (yet) but must be one (a `bind_vips` listener, or
 //!    inside `vip_range`) is refused as `unknown_vip`, after the caller's wait for the table;
-//! 3. otherwise the HTTP/1.x **Host** or TLS **SNI** the peek found names the route, on the
+//! 4. otherwise the HTTP/1.x **Host** or TLS **SNI** the peek found names the route, on the
 //!    port dialled;
-//! 4. otherwise the connection is refused (`unidentified`): raw TCP on a shared address
+//! 5. otherwise the connection is refused (`unidentified`): raw TCP on a shared address
 //!    needs a VIP or a dedicated listener.
 //!
 //! Never "the only route on this port": the DNS shim may already answer a name with this
@@ -25,7 +30,7 @@ use std::sync::Arc;
 use isthmus_route_sync::vip::VipRange;
 use isthmus_route_sync::{ClusterName, Route, RouteKey, RouteName, RouteTable};
 
-use super::index::{View, VipOwner};
+use super::index::{EgressPortOwner, View, VipOwner};
 use crate::Refusal;
 
 /// How a listener knows the route of its connections.
@@ -37,6 +42,9 @@ pub enum Listener {
     Shared,
     /// Bound on one route's `vip:port` (`bind_vips`).
     Vip,
+    /// Bound on `listen_address:<egress_port>` of a route (`bind_egress_ports`): the port a
+    /// connection arrived on names its route.
+    EgressPort,
 }
 
 /// What a peek at the first bytes found.
@@ -79,6 +87,12 @@ pub enum Unidentified {
     /// The address is a VIP (by listener or `vip_range`) that no route carries.
     #[error("{0} is no route's VIP (yet)")]
     UnknownVip(IpAddr),
+    /// An egress-port listener on a port that no route carries (yet).
+    #[error("port {0} is no route's egress port (yet)")]
+    UnknownEgressPort(u16),
+    /// Several routes carry this egress port.
+    #[error("port {0} is the egress port of several routes at once")]
+    AmbiguousEgressPort(u16),
     /// Routes of several names carry this VIP.
     #[error("{0} is the VIP of several route names at once")]
     AmbiguousVip(IpAddr),
@@ -112,6 +126,8 @@ impl Unidentified {
         match self {
             Unidentified::UnknownVip(_) => "unknown_vip",
             Unidentified::AmbiguousVip(_) => "ambiguous_vip",
+            Unidentified::UnknownEgressPort(_) => "unknown_egress_port",
+            Unidentified::AmbiguousEgressPort(_) => "ambiguous_egress_port",
             Unidentified::NoName { .. } => "unidentified",
             Unidentified::PeekTimeout(_) => "peek_timeout",
             Unidentified::BadHost { .. } => "no_route",
@@ -122,7 +138,10 @@ impl Unidentified {
     pub fn may_change(&self) -> bool {
         matches!(
             self,
-            Unidentified::UnknownVip(_) | Unidentified::AmbiguousVip(_)
+            Unidentified::UnknownVip(_)
+                | Unidentified::AmbiguousVip(_)
+                | Unidentified::UnknownEgressPort(_)
+                | Unidentified::AmbiguousEgressPort(_)
         )
     }
 }
@@ -140,6 +159,16 @@ pub fn identify(
     let ip = local.ip().to_canonical();
     match facts.listener {
         Listener::Dedicated(key) => return Ok(Identified::Route(key.clone())),
+        // The port alone names the route: never a VIP lookup (the local address is the
+        // pod's own) and never a peek (mirror Services carry raw TCP as often as HTTP).
+        Listener::EgressPort => {
+            let port = local.port();
+            return match view.egress_port_owner(port) {
+                EgressPortOwner::One(key) => Ok(Identified::Route(key.clone())),
+                EgressPortOwner::Ambiguous => Err(Unidentified::AmbiguousEgressPort(port)),
+                EgressPortOwner::None => Err(Unidentified::UnknownEgressPort(port)),
+            };
+        }
         Listener::Shared | Listener::Vip => {}
     }
     match view.vip_owner(ip) {
@@ -224,6 +253,13 @@ mod tests {
                 "x.apps.internal" | "y.apps.internal" => Some("100.64.0.9".parse().unwrap()),
                 _ => None,
             };
+            // raw and a carry egress ports; x and y share one (a table caught mid-change).
+            r.egress_port = match r.key.name.as_str() {
+                "raw.apps.internal" => Some(20000),
+                "a.apps.internal" => Some(20001),
+                "x.apps.internal" | "y.apps.internal" => Some(20009),
+                _ => None,
+            };
         }
         let store = RouteStore::new();
         store.replace_all(routes);
@@ -269,6 +305,40 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn an_egress_port_listener_names_the_route_of_its_port_and_nothing_else_does() {
+        let listener = Listener::EgressPort;
+        for peek in [Peek::NotYet, Peek::Host("b.apps.internal".into())] {
+            // Neither a VIP as local address nor a Host overrides the port.
+            for ip in ["10.1.2.3", "100.64.0.1"] {
+                assert_eq!(
+                    run(&listener, &format!("{ip}:20000"), &peek),
+                    route("raw.apps.internal:8080")
+                );
+                assert_eq!(
+                    run(&listener, &format!("{ip}:20001"), &peek),
+                    route("a.apps.internal:8080")
+                );
+            }
+        }
+        let unknown = run(&listener, "10.1.2.3:20002", &Peek::NotYet).unwrap_err();
+        assert_eq!(unknown, Unidentified::UnknownEgressPort(20002));
+        assert_eq!(unknown.reason(), "unknown_egress_port");
+        assert!(unknown.may_change(), "the table may be about to carry it");
+        let ambiguous = run(&listener, "10.1.2.3:20009", &Peek::NotYet).unwrap_err();
+        assert_eq!(ambiguous, Unidentified::AmbiguousEgressPort(20009));
+        assert!(ambiguous.may_change());
+        // A shared listener on the same port ignores egress ports: Host decides there.
+        assert_eq!(
+            run(
+                SHARED,
+                "10.1.2.3:20000",
+                &Peek::Host("b.apps.internal".into())
+            ),
+            route("b.apps.internal:20000")
+        );
     }
 
     #[test]

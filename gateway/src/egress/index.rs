@@ -1,5 +1,6 @@
-//! What the egress derives from the route table: which route name each VIP stands for, and
-//! which ports and `vip:port` addresses need a listener.
+//! What the egress derives from the route table: which route name each VIP stands for, which
+//! route each egress port stands for, and which ports and `vip:port` addresses need a
+//! listener.
 //!
 //! The VIP is a field of the route, assigned once per cluster by route-sync; the egress never
 //! computes one. This module only indexes it. The index is brought up to date from the
@@ -31,6 +32,18 @@ pub enum VipOwner<'a> {
     Ambiguous,
 }
 
+/// Which route an egress port stands for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EgressPortOwner<'a> {
+    /// No route of the table carries this egress port.
+    None,
+    /// Exactly this route carries it.
+    One(&'a RouteKey),
+    /// Several routes carry it: the table contradicts itself for a moment (a port handed
+    /// from one route to another in two steps). Refused, never guessed.
+    Ambiguous,
+}
+
 /// A table and the index built from exactly that table.
 #[derive(Debug, Clone, Default)]
 pub struct View {
@@ -43,6 +56,10 @@ pub struct View {
     /// `vip:port` → how many routes use it (at most one; kept as a count for symmetry with
     /// the ports). Maintained only when the egress binds VIPs one by one.
     vip_addrs: imbl::OrdMap<SocketAddr, usize>,
+    /// Egress port → the keys of the routes that carry it, sorted (one, but for a moment).
+    egress_ports: imbl::OrdMap<u16, Vec<RouteKey>>,
+    /// Bumped whenever the set of keys of `egress_ports` changes.
+    egress_ports_generation: u64,
     /// Bumped whenever the set of keys of `ports` changes: listeners need a look only then.
     ports_generation: u64,
     /// As `ports_generation`, for `vip_addrs`.
@@ -65,6 +82,25 @@ impl View {
             }
             Some(_) => VipOwner::Ambiguous,
         }
+    }
+
+    /// The route `port` is the egress port of.
+    pub fn egress_port_owner(&self, port: u16) -> EgressPortOwner<'_> {
+        match self.egress_ports.get(&port).map(Vec::as_slice) {
+            None | Some([]) => EgressPortOwner::None,
+            Some([one]) => EgressPortOwner::One(one),
+            Some(_) => EgressPortOwner::Ambiguous,
+        }
+    }
+
+    /// Every egress port some route carries, ascending.
+    pub fn egress_ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.egress_ports.keys().copied()
+    }
+
+    /// Changes whenever the set of [`View::egress_ports`] changes.
+    pub fn egress_ports_generation(&self) -> u64 {
+        self.egress_ports_generation
     }
 
     /// Every port some route uses, ascending.
@@ -99,6 +135,11 @@ impl View {
         if port_set_changed {
             self.ports_generation += 1;
         }
+        self.apply_egress_port(
+            key,
+            old.and_then(|r| r.egress_port),
+            new.and_then(|r| r.egress_port),
+        );
         let old_vip = old.and_then(|r| r.vip).map(|ip| ip.to_canonical());
         let new_vip = new.and_then(|r| r.vip).map(|ip| ip.to_canonical());
         if old_vip == new_vip {
@@ -131,11 +172,42 @@ impl View {
         }
     }
 
+    /// Moves `key` from egress port `old` to `new` (either may be absent).
+    fn apply_egress_port(&mut self, key: &RouteKey, old: Option<u16>, new: Option<u16>) {
+        if old == new {
+            return;
+        }
+        if let Some(port) = old {
+            let emptied = match self.egress_ports.get_mut(&port) {
+                Some(keys) => {
+                    keys.retain(|k| k != key);
+                    keys.is_empty()
+                }
+                None => false,
+            };
+            if emptied {
+                self.egress_ports.remove(&port);
+                self.egress_ports_generation += 1;
+            }
+        }
+        if let Some(port) = new {
+            let keys = self.egress_ports.entry(port).or_default();
+            if keys.is_empty() {
+                self.egress_ports_generation += 1;
+            }
+            // Sorted, so the index of a table is the same however it was reached.
+            if let Err(at) = keys.binary_search(key) {
+                keys.insert(at, key.clone());
+            }
+        }
+    }
+
     /// The view of `table` built from nothing.
     fn build(table: Arc<RouteTable>, addrs: bool, from: &View) -> Self {
         let mut view = View {
             ports_generation: from.ports_generation + 1,
             vip_addrs_generation: from.vip_addrs_generation + 1,
+            egress_ports_generation: from.egress_ports_generation + 1,
             applied: from.applied,
             ..View::default()
         };
@@ -301,6 +373,54 @@ mod tests {
     }
 
     #[test]
+    fn an_egress_port_names_its_route_and_follows_it() {
+        let with_ports = |ports: &[(&str, u16)]| {
+            let mut r = routes(TWO, &[]);
+            for route in &mut r {
+                route.egress_port = ports
+                    .iter()
+                    .find(|(k, _)| *k == route.key.to_string())
+                    .map(|(_, p)| *p);
+            }
+            r
+        };
+        let store = RouteStore::new();
+        store.replace_all(with_ports(&[
+            ("a.apps.internal:80", 20000),
+            ("a.apps.internal:81", 20001),
+        ]));
+        let index = Index::new(false);
+        let first = index.view(&store);
+        let a80 = key("a.apps.internal:80");
+        assert_eq!(first.egress_port_owner(20000), EgressPortOwner::One(&a80));
+        assert_eq!(first.egress_port_owner(20002), EgressPortOwner::None);
+        assert_eq!(first.egress_ports().collect::<Vec<_>>(), [20000, 20001]);
+        // a:80 moves to 20002, b takes 20000: each port names its new route.
+        store.replace_all(with_ports(&[
+            ("a.apps.internal:80", 20002),
+            ("a.apps.internal:81", 20001),
+            ("b.apps.internal:80", 20000),
+        ]));
+        let second = index.view(&store);
+        let b80 = key("b.apps.internal:80");
+        assert_eq!(second.egress_port_owner(20000), EgressPortOwner::One(&b80));
+        assert_eq!(second.egress_port_owner(20002), EgressPortOwner::One(&a80));
+        assert_ne!(
+            second.egress_ports_generation(),
+            first.egress_ports_generation()
+        );
+        // Two routes on one port for a moment: refused, not guessed.
+        store.replace_all(with_ports(&[
+            ("a.apps.internal:80", 20000),
+            ("b.apps.internal:80", 20000),
+        ]));
+        assert_eq!(
+            index.view(&store).egress_port_owner(20000),
+            EgressPortOwner::Ambiguous
+        );
+    }
+
+    #[test]
     fn a_vip_claimed_by_two_names_is_ambiguous() {
         let store = RouteStore::new();
         store.replace_all(routes(
@@ -344,6 +464,8 @@ mod tests {
                     let vip = if next(5) == 0 { None } else { Some(vip) };
                     let mut r = routes(&yaml, &[]);
                     r[0].vip = vip.map(|v| v.parse().unwrap());
+                    r[0].egress_port =
+                        (next(3) != 0).then(|| 20_000 + u16::try_from(next(30)).unwrap());
                     upserts.extend(r);
                 }
             }
@@ -357,6 +479,10 @@ mod tests {
             assert_eq!(incremental.vips, rebuilt.vips, "step {step}");
             assert_eq!(incremental.ports, rebuilt.ports, "step {step}");
             assert_eq!(incremental.vip_addrs, rebuilt.vip_addrs, "step {step}");
+            assert_eq!(
+                incremental.egress_ports, rebuilt.egress_ports,
+                "step {step}"
+            );
         }
     }
 

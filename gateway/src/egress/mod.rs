@@ -2,14 +2,17 @@
 //!
 //! Which route a connection is for is decided by [`identify()`], a pure function of what the
 //! connection showed (listener, local address, peeked Host or SNI) and the table: a
-//! **dedicated** listener names its route; a local address that is a route's **VIP** (the
+//! **dedicated** listener names its route; an **egress-port** listener names the route
+//! carrying that `egress_port`; a local address that is a route's **VIP** (the
 //! `vip` route-sync assigned, indexed by [`index`]) names that route; on a **shared**
 //! address the HTTP/1.x `Host` or TLS SNI does, peeked within a byte and time bound and
 //! replayed into the tunnel; anything else is refused. Never "the only route on this port".
 //!
 //! Listeners follow the route table: a shared listener (on `listen_address`) is open for
 //! every port any route uses, local ones included, so a route that moves to another cluster
-//! finds its port already open; with `bind_vips`, one listener per route `vip:port` as well.
+//! finds its port already open; with `bind_vips`, one listener per route `vip:port` as well;
+//! with `bind_egress_ports`, one per route `egress_port` on `listen_address`, where the port
+//! alone names the route (the Kubernetes mirror Services' target ports).
 //! Each closes when no route needs it; connections already accepted are not touched. A
 //! connection for a route the table does not know (yet), or knows only as local, waits up to
 //! `route_wait` for the table to catch up before it is refused, and one for an exported
@@ -197,8 +200,9 @@ impl<K: std::hash::Hash + Eq + Copy + std::fmt::Debug> Followers<K> {
     }
 }
 
-/// Keeps one shared listener per port of any route, and with `bind_vips` one per route
-/// `vip:port`, in step with the route table until `shutdown`.
+/// Keeps one shared listener per port of any route, with `bind_vips` one per route
+/// `vip:port`, and with `bind_egress_ports` one per route egress port, in step with the
+/// route table until `shutdown`.
 async fn follow_table(
     shared: &Arc<Shared>,
     shutdown: &CancellationToken,
@@ -227,12 +231,28 @@ async fn follow_table(
             None
         }
     };
+    let by_port = shared.cfg.bind_egress_ports;
+    let mut egress_ports = Followers::<u16>::new();
     loop {
         let view = shared.index.view(&shared.ctx.routes);
         if let Some(address) = shared.cfg.listen_address {
-            for port in ports.plan(view.ports_generation(), view.ports()) {
+            // A port that is some route's egress port belongs to its egress-port listener:
+            // a shared one there would take its connections by Host instead. Both
+            // generations only grow, so their sum moves whenever either set does.
+            let generation = view.ports_generation() + view.egress_ports_generation();
+            let wanted = view
+                .ports()
+                .filter(|p| !by_port || view.egress_port_owner(*p) == index::EgressPortOwner::None);
+            for port in ports.plan(generation, wanted) {
                 let stop = open(SocketAddr::new(address, port), Listener::Shared).await;
                 ports.bound(port, stop);
+            }
+            if by_port {
+                let wanted = view.egress_ports();
+                for port in egress_ports.plan(view.egress_ports_generation(), wanted) {
+                    let stop = open(SocketAddr::new(address, port), Listener::EgressPort).await;
+                    egress_ports.bound(port, stop);
+                }
             }
         }
         if shared.cfg.bind_vips {
@@ -422,7 +442,7 @@ async fn resolve(
         // A dedicated listener needs no index: its route is known before any byte.
         let (identified, table) = match listener {
             Listener::Dedicated(key) => (Ok(Identified::Route(key.clone())), ctx.routes.snapshot()),
-            Listener::Shared | Listener::Vip => {
+            Listener::Shared | Listener::Vip | Listener::EgressPort => {
                 let view = shared.index.view(&ctx.routes);
                 let facts = Facts {
                     listener,

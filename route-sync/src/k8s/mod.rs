@@ -1,6 +1,9 @@
 //! The Kubernetes side of route-sync: one API client shared by the route source, the
 //! mirror Services and the Lease, built from the `source.kubernetes` section.
 
+pub mod lease;
+pub mod mirror;
+
 use anyhow::Context as _;
 use tokio::sync::watch;
 

@@ -154,6 +154,11 @@ pub(crate) struct Shared {
     pub(crate) merger: Mutex<Merger>,
     /// The VIP of every name of the merged table; locked after `merger` when both are.
     pub(crate) vips: Option<Mutex<VipAllocator>>,
+    /// The mirror Services' ClusterIPs and egress ports (Kubernetes), once a mirror runs:
+    /// then imported routes take `vip` and `egress_port` from it. Locked after `merger`.
+    pub(crate) mirror_book: Mutex<Option<Arc<crate::k8s::mirror::AddressBook>>>,
+    /// What the mirror task last reported, for `status`; none without a mirror.
+    pub(crate) mirror_status: Mutex<Option<proto::MirrorStatus>>,
     pub(crate) epoch: String,
     pub(crate) local_loaded: AtomicBool,
     pub(crate) peers: Vec<(PeerSpec, Mutex<PeerState>)>,
@@ -172,6 +177,11 @@ impl Shared {
     pub(crate) fn stale(&self) -> bool {
         !self.local_loaded.load(Ordering::Acquire)
             || self.peers.iter().any(|(_, s)| lock(s).state != "connected")
+            // Imported routes' addresses come from the mirror's watch: until it has listed
+            // the Services, or while it fails, they may be missing or out of date.
+            || lock(&self.mirror_status)
+                .as_ref()
+                .is_some_and(|m| !m.synced || !m.last_error.is_empty())
     }
 
     /// Tells watchers when staleness changed. Call after changing what [`Shared::stale`]
@@ -219,6 +229,10 @@ impl Shared {
     /// change, after the first removed the old owner, so no table ever shows one VIP on two
     /// names. True when the table changed.
     fn assign_vips(&self, upserts: Vec<Arc<Route>>, removals: Vec<RouteKey>) -> bool {
+        if let Some(book) = lock(&self.mirror_book).clone() {
+            let upserts = upserts.into_iter().map(|r| self.stamp_mirror(r, &book));
+            return self.merged.apply_shared(upserts, removals).is_change();
+        }
         let Some(vips) = &self.vips else {
             let upserts = upserts.into_iter().map(|r| with_vip(r, None));
             return self.merged.apply_shared(upserts, removals).is_change();
@@ -273,6 +287,59 @@ impl Shared {
         }
         self.metrics.set_vips(&counts);
         changed
+    }
+
+    /// `route` with the `vip` and `egress_port` of its mirror Service: imported routes only
+    /// (a local route is served by the cluster's own Service, not a mirror), and none while
+    /// the book has no entry (the Service is not created or not seen yet, or has gone).
+    fn stamp_mirror(
+        &self,
+        route: Arc<Route>,
+        book: &crate::k8s::mirror::AddressBook,
+    ) -> Arc<Route> {
+        let (vip, egress_port) = if route.home_cluster == self.settings.cluster {
+            (None, None)
+        } else {
+            book.stamp(&route.key)
+        };
+        if route.vip == vip && route.egress_port == egress_port {
+            return route;
+        }
+        let mut copy = Route::clone(&route);
+        copy.vip = vip;
+        copy.egress_port = egress_port;
+        Arc::new(copy)
+    }
+
+    /// Replaces the mirror address book and re-stamps the merged routes of every name whose
+    /// entry changed, as one ordinary change of the merged table (consumers get a delta).
+    pub(crate) fn set_mirror_book(&self, book: crate::k8s::mirror::AddressBook) {
+        let _merger = lock(&self.merger);
+        let mut slot = lock(&self.mirror_book);
+        let changed = match slot.as_deref() {
+            Some(old) if *old == book => return,
+            Some(old) => old.changed_names(&book),
+            // The first book: every imported route may need its stamp (or none).
+            None => self
+                .merged
+                .snapshot()
+                .iter()
+                .map(|r| r.key.name.clone())
+                .collect(),
+        };
+        let book = Arc::new(book);
+        *slot = Some(Arc::clone(&book));
+        drop(slot);
+        let table = self.merged.snapshot();
+        let routes: Vec<Arc<Route>> = changed
+            .iter()
+            .flat_map(|name| table.by_route_name(name).iter())
+            .map(|r| self.stamp_mirror(Arc::clone(r), &book))
+            .collect();
+        if self.merged.apply_shared(routes, []).is_change() {
+            self.metrics.applied.inc();
+            self.dirty.notify_one();
+        }
     }
 
     /// Writes the VIP allocation to `state_dir` now when it changed since `generation`,
@@ -481,6 +548,8 @@ impl Node {
                 merged,
                 merger: Mutex::new(merger),
                 vips: vips_slot,
+                mirror_book: Mutex::new(None),
+                mirror_status: Mutex::new(None),
                 epoch,
                 local_loaded: AtomicBool::new(false),
                 peers,
@@ -612,6 +681,34 @@ impl NodeHandle {
     /// The status as the Status RPC answers it.
     pub fn status(&self) -> proto::StatusReply {
         service::status(&self.shared)
+    }
+
+    /// The merged table this node serves.
+    pub fn merged(&self) -> RouteStore {
+        self.shared.merged.clone()
+    }
+
+    /// This node's cluster.
+    pub fn cluster(&self) -> ClusterName {
+        self.shared.settings.cluster.clone()
+    }
+
+    /// Gives imported routes the `vip` and `egress_port` of their mirror Services from now
+    /// on (replacing any VIP allocation), re-stamping the names whose entry changed. The
+    /// mirror calls it on every change its watch sees.
+    pub fn set_mirror_book(&self, book: crate::k8s::mirror::AddressBook) {
+        self.shared.set_mirror_book(book);
+    }
+
+    /// Replaces what `status` shows of the mirror (and what staleness counts of it).
+    pub fn set_mirror_status(&self, status: proto::MirrorStatus) {
+        let mut slot = lock(&self.shared.mirror_status);
+        if slot.as_ref() == Some(&status) {
+            return;
+        }
+        *slot = Some(status);
+        drop(slot);
+        self.shared.note_freshness();
     }
 }
 

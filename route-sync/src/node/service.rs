@@ -455,6 +455,7 @@ pub(super) fn status(shared: &Shared) -> proto::StatusReply {
                 }
             })
             .collect(),
+        mirror: lock(&shared.mirror_status).clone(),
         conflicts: merger
             .conflicts()
             .into_iter()

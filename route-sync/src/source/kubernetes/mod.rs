@@ -208,10 +208,15 @@ impl KubernetesSource {
 
         let mut last_good: BTreeMap<ServiceRef, Vec<Route>> = BTreeMap::new();
         let mut refused: BTreeMap<String, String> = BTreeMap::new();
+        let mut leader = self.leadership.receiver();
         loop {
             tokio::select! {
                 () = cancel.cancelled() => return,
                 () = notify.notified() => {}
+                // A replica that just took the Lease writes the statuses its predecessor
+                // may have left undone. (`Err`: no Lease, the value never changes; the
+                // branch is then off for this wait.)
+                Ok(()) = leader.changed() => {}
             }
             tokio::select! {
                 () = cancel.cancelled() => return,
