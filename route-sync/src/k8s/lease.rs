@@ -13,7 +13,7 @@
 //! - On a graceful stop the holder releases (empty holder), and the other acquires at its
 //!   next attempt instead of waiting out the duration.
 //!
-//! [`decide`] is the pure decision; [`run`] does the I/O.
+//! [`decide`] is the pure decision; [`spawn`] runs the I/O.
 
 use std::time::Duration;
 
