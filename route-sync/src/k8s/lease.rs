@@ -10,6 +10,10 @@
 //!   replica first saw it, so clock skew between replicas cannot shorten a claim.
 //! - The holder renews every duration/3 and stops writing when its last successful renew
 //!   is 2/3 of the duration old: before any other replica could see the claim expire.
+//! - The other replica watches the Lease, so it sees each renewal as it happens, and tries
+//!   to take the claim the moment it expires (besides polling every duration/3, in case the
+//!   watch is down): a killed holder's writing is taken over one lease duration after its
+//!   last renewal, so within the duration after it died.
 //! - On a graceful stop the holder releases (empty holder), and the other acquires at its
 //!   next attempt instead of waiting out the duration.
 //!
@@ -17,9 +21,11 @@
 
 use std::time::Duration;
 
+use futures_util::StreamExt as _;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, PostParams};
+use kube::runtime::{WatchStreamExt as _, watcher};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -109,6 +115,42 @@ pub fn decide(
     }
 }
 
+/// Records `lease` as seen at `now` (as [`decide`] does) and says when this replica may
+/// next try to take it: at once for a released one, at the claim's expiry for another
+/// holder's (this replica's clock, from when it first saw that version), `None` for its
+/// own. Pure.
+pub fn observe(
+    identity: &str,
+    lease: &Lease,
+    observed: &mut Option<Observed>,
+    now: Instant,
+) -> Option<Instant> {
+    let spec = lease.spec.as_ref();
+    let holder = spec
+        .and_then(|s| s.holder_identity.as_deref())
+        .unwrap_or("");
+    if holder == identity {
+        return None;
+    }
+    if holder.is_empty() {
+        return Some(now);
+    }
+    let rv = lease.metadata.resource_version.clone().unwrap_or_default();
+    let duration = Duration::from_secs(
+        spec.and_then(|s| s.lease_duration_seconds)
+            .and_then(|d| u64::try_from(d).ok())
+            .unwrap_or(0),
+    );
+    let seen = match observed {
+        Some(seen) if seen.resource_version == rv => seen,
+        _ => observed.insert(Observed {
+            resource_version: rv,
+            since: now,
+        }),
+    };
+    Some(seen.since + duration)
+}
+
 /// The Lease as this replica writes it when it takes it (`previous` is what it replaces).
 pub fn claim(settings: &LeaseSettings, previous: Option<&Lease>) -> Lease {
     let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
@@ -189,8 +231,11 @@ async fn run(
             }
         }
     };
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Every change of the Lease as it happens (a holder's renewals above all); errors back
+    // off and relist, and the polling below covers the gap.
+    let config = watcher::Config::default().fields(&format!("metadata.name={}", settings.name));
+    let mut changes = watcher(api.clone(), config).default_backoff().boxed();
+    let mut next = Instant::now();
     loop {
         let until = held_until;
         let step_down = async move {
@@ -206,11 +251,34 @@ async fn run(
                 set(false);
                 continue;
             }
-            _ = tick.tick() => {}
+            change = changes.next() => {
+                match change {
+                    Some(Ok(watcher::Event::Apply(lease) | watcher::Event::InitApply(lease))) => {
+                        if let Some(at) = observe(&settings.identity, &lease, &mut observed, Instant::now()) {
+                            next = next.min(at);
+                        }
+                    }
+                    Some(Ok(watcher::Event::Delete(_))) => {
+                        observed = None;
+                        next = Instant::now();
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        tracing::debug!(lease = %settings.name, "watching the Lease: {e}");
+                    }
+                    // The stream never ends; should it, polling goes on alone.
+                    None => changes = futures_util::stream::pending().boxed(),
+                }
+                continue;
+            }
+            () = tokio::time::sleep_until(next) => {}
         }
         let started = Instant::now();
         let attempt = tokio::time::timeout(period, async {
             let current = api.get_opt(&settings.name).await?;
+            let expiry = current
+                .as_ref()
+                .and_then(|l| observe(&settings.identity, l, &mut observed, started));
             let step = decide(&settings.identity, current.as_ref(), &mut observed, started);
             let wrote = match &step {
                 Step::Create => {
@@ -239,10 +307,15 @@ async fn run(
                 }
                 Step::Wait => false,
             };
-            Ok::<bool, kube::Error>(wrote)
+            Ok::<(bool, Option<Instant>), kube::Error>((wrote, expiry.filter(|_| !wrote)))
         })
         .await;
-        match attempt {
+        next = Instant::now() + period;
+        if let Ok(Ok((_, Some(expiry)))) = &attempt {
+            // Try again the moment the other holder's claim expires, if before the poll.
+            next = next.min((*expiry).max(Instant::now()));
+        }
+        match attempt.map(|r| r.map(|(wrote, _)| wrote)) {
             Ok(Ok(true)) => {
                 held_until = Some(started + hold);
                 set(true);
@@ -315,6 +388,41 @@ mod tests {
                 ..LeaseSpec::default()
             }),
         }
+    }
+
+    #[test]
+    fn observe_says_when_a_claim_may_be_taken() {
+        let t0 = Instant::now();
+        let mut seen = None;
+        assert_eq!(
+            observe("a", &lease(Some("a"), "1", 15), &mut seen, t0),
+            None
+        );
+        assert_eq!(observe("a", &lease(None, "2", 15), &mut seen, t0), Some(t0));
+        let claim = lease(Some("b"), "3", 15);
+        assert_eq!(
+            observe("a", &claim, &mut seen, t0),
+            Some(t0 + Duration::from_secs(15))
+        );
+        // The same version seen later still expires from when it was first seen...
+        let later = t0 + Duration::from_secs(5);
+        assert_eq!(
+            observe("a", &claim, &mut seen, later),
+            Some(t0 + Duration::from_secs(15))
+        );
+        // ...and decide agrees at that moment, not before.
+        let at = t0 + Duration::from_secs(15);
+        assert_eq!(decide("a", Some(&claim), &mut seen, later), Step::Wait);
+        assert_eq!(
+            decide("a", Some(&claim), &mut seen, at),
+            Step::Acquire("3".into())
+        );
+        // A renewal (new version) starts the wait over.
+        let renewed = lease(Some("b"), "4", 15);
+        assert_eq!(
+            observe("a", &renewed, &mut seen, later),
+            Some(later + Duration::from_secs(15))
+        );
     }
 
     #[test]
