@@ -704,3 +704,119 @@ fn k8s_stale(status: &str) -> bool {
         .find(|l| l.starts_with("stale"))
         .is_none_or(|l| !l.contains("no"))
 }
+
+/// Runs the real kubectl against the fixture with `input` (JSON) on stdin; panics with its
+/// stderr when it fails.
+fn kubectl(kubeconfig: &std::path::Path, args: &[&str], input: Option<&Value>) -> String {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let bin = isthmus_tests::tools::ensure_kubectl().expect("kubectl");
+    let mut child = Command::new(bin)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .arg("--request-timeout=10s")
+        .args(args)
+        .env_remove("KUBECONFIG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kubectl");
+    if let Some(input) = input {
+        let mut pipe = child.stdin.take().unwrap();
+        pipe.write_all(input.to_string().as_bytes()).unwrap();
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_create_replace_and_delete_each_reach_the_routes() {
+    let k = start(Options::default(), &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    k.api.write_kubeconfig(&kubeconfig, "admin").unwrap();
+    let kc = kubeconfig.clone();
+    let run = move |args: &'static [&'static str], input: Option<Value>| {
+        let kc = kc.clone();
+        tokio::task::spawn_blocking(move || kubectl(&kc, args, input.as_ref()))
+    };
+    let create = &["create", "--validate=false", "-f", "-"];
+
+    // create: the Service, its slice and its ServiceExport become an exported route.
+    run(
+        create,
+        Some(service(
+            "default",
+            "orders",
+            annotated("orders.apps.internal", &[]),
+        )),
+    )
+    .await
+    .unwrap();
+    run(
+        create,
+        Some(slice(
+            "default",
+            "orders",
+            &[("10.0.0.1", true, true, false)],
+        )),
+    )
+    .await
+    .unwrap();
+    run(
+        create,
+        Some(export(McsVersion::V1beta1, "default", "orders")),
+    )
+    .await
+    .unwrap();
+    eventually("kubectl create: an exported route", LIMIT, || {
+        route(&k.local, "orders.apps.internal").is_some_and(|r| r.exported && r.backends.len() == 1)
+    })
+    .await;
+    let got = run(&["get", "service", "orders", "-o", "json"], None)
+        .await
+        .unwrap();
+    let got: Value = serde_json::from_str(&got).unwrap();
+    assert_eq!(
+        got["metadata"]["annotations"]["isthmus.io/route"],
+        "orders.apps.internal"
+    );
+
+    // replace: the route annotation names another route; the old one goes.
+    run(
+        &["replace", "--validate=false", "-f", "-"],
+        Some(service(
+            "default",
+            "orders",
+            annotated("orders-v2.apps.internal", &[]),
+        )),
+    )
+    .await
+    .unwrap();
+    eventually("kubectl replace: the route renamed", LIMIT, || {
+        route(&k.local, "orders-v2.apps.internal").is_some_and(|r| r.exported)
+            && route(&k.local, "orders.apps.internal").is_none()
+    })
+    .await;
+
+    // delete: the export first (the route stays, local), then the Service (it goes).
+    run(&["delete", "serviceexport", "orders"], None)
+        .await
+        .unwrap();
+    eventually("kubectl delete serviceexport: not exported", LIMIT, || {
+        route(&k.local, "orders-v2.apps.internal").is_some_and(|r| !r.exported)
+    })
+    .await;
+    run(&["delete", "service", "orders"], None).await.unwrap();
+    eventually("kubectl delete service: no route", LIMIT, || {
+        route(&k.local, "orders-v2.apps.internal").is_none()
+    })
+    .await;
+}
