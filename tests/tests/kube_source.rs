@@ -78,14 +78,23 @@ async fn start(options: Options, namespaces: &[&str]) -> Running {
     }
 }
 
-async fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    tokio::time::timeout(limit, async {
-        while !f() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("timed out after {limit:?}: {what}"));
+impl Running {
+    /// Waits until `f` holds, woken by every change of the local route table; predicates
+    /// on what has no change channel (staleness, counters) are also re-checked every 50 ms.
+    /// Panics naming `what` after `limit`.
+    async fn eventually(&self, what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+        let mut changes = self.local.subscribe();
+        tokio::time::timeout(limit, async {
+            while !f() {
+                tokio::select! {
+                    _ = changes.changed() => {}
+                    () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {limit:?}: {what}"));
+    }
 }
 
 fn service(ns: &str, name: &str, annotations: Value) -> Value {
@@ -163,7 +172,7 @@ async fn service_slice_and_export_become_a_route_that_follows_its_endpoints() {
     k.api
         .create(export(McsVersion::V1beta1, "default", "orders"))
         .unwrap();
-    eventually(
+    k.eventually(
         "an exported route within 1 s",
         Duration::from_secs(1),
         || route(&k.local, name).is_some_and(|r| r.exported && r.backends.len() == 2),
@@ -173,7 +182,7 @@ async fn service_slice_and_export_become_a_route_that_follows_its_endpoints() {
     assert_eq!(r.key.port, 8080);
     assert_eq!(r.home_cluster.as_str(), "k8s");
     assert_eq!(backends(&k.local, name), ["10.0.0.1:9000", "10.0.0.2:9000"]);
-    eventually("fresh", LIMIT, || !k.handle.is_stale()).await;
+    k.eventually("fresh", LIMIT, || !k.handle.is_stale()).await;
 
     // A pod goes unready: it leaves the backends.
     k.api
@@ -186,7 +195,7 @@ async fn service_slice_and_export_become_a_route_that_follows_its_endpoints() {
             ],
         ))
         .unwrap();
-    eventually("the unready pod gone", LIMIT, || {
+    k.eventually("the unready pod gone", LIMIT, || {
         backends(&k.local, name) == ["10.0.0.2:9000"]
     })
     .await;
@@ -202,7 +211,7 @@ async fn service_slice_and_export_become_a_route_that_follows_its_endpoints() {
             ],
         ))
         .unwrap();
-    eventually("the ready pod only", LIMIT, || {
+    k.eventually("the ready pod only", LIMIT, || {
         backends(&k.local, name) == ["10.0.0.2:9000"]
     })
     .await;
@@ -216,7 +225,7 @@ async fn service_slice_and_export_become_a_route_that_follows_its_endpoints() {
             ],
         ))
         .unwrap();
-    eventually(
+    k.eventually(
         "the serving-terminating pod as a last resort",
         LIMIT,
         || backends(&k.local, name) == ["10.0.0.3:9000"],
@@ -224,7 +233,7 @@ async fn service_slice_and_export_become_a_route_that_follows_its_endpoints() {
     .await;
     // No endpoint at all: the route stays, without backends.
     k.api.apply(slice("default", "orders", &[])).unwrap();
-    eventually("a route with no backends", LIMIT, || {
+    k.eventually("a route with no backends", LIMIT, || {
         route(&k.local, name).is_some_and(|r| r.backends.is_empty())
     })
     .await;
@@ -237,7 +246,7 @@ async fn service_slice_and_export_become_a_route_that_follows_its_endpoints() {
             "orders",
         )
         .unwrap();
-    eventually("no longer exported", LIMIT, || {
+    k.eventually("no longer exported", LIMIT, || {
         route(&k.local, name).is_some_and(|r| !r.exported)
     })
     .await;
@@ -265,7 +274,7 @@ async fn the_export_annotation_exports_and_its_removal_withdraws() {
             annotated("other.apps.internal", &[]),
         ))
         .unwrap();
-    eventually("exported by annotation", LIMIT, || {
+    k.eventually("exported by annotation", LIMIT, || {
         route(&k.local, name).is_some_and(|r| r.exported)
     })
     .await;
@@ -273,13 +282,14 @@ async fn the_export_annotation_exports_and_its_removal_withdraws() {
     k.api
         .apply(service("shop", "cart", annotated(name, &[])))
         .unwrap();
-    eventually("withdrawn", LIMIT, || {
+    k.eventually("withdrawn", LIMIT, || {
         route(&k.local, name).is_some_and(|r| !r.exported)
     })
     .await;
     // The route annotation removed: no route.
     k.api.apply(service("shop", "cart", json!({}))).unwrap();
-    eventually("gone", LIMIT, || route(&k.local, name).is_none()).await;
+    k.eventually("gone", LIMIT, || route(&k.local, name).is_none())
+        .await;
 }
 
 #[tokio::test]
@@ -300,11 +310,12 @@ async fn a_forced_410_relists_without_losing_routes() {
             &[("10.0.0.1", true, true, false)],
         ))
         .unwrap();
-    eventually("the route", LIMIT, || backends(&k.local, name).len() == 1).await;
+    k.eventually("the route", LIMIT, || backends(&k.local, name).len() == 1)
+        .await;
     let lists = k.stats.lists[0].load(Ordering::Relaxed);
     let revision = k.local.snapshot().revision();
     k.api.compact();
-    eventually("the Services relisted after 410", LIMIT, || {
+    k.eventually("the Services relisted after 410", LIMIT, || {
         k.stats.lists[0].load(Ordering::Relaxed) > lists
     })
     .await;
@@ -319,7 +330,7 @@ async fn a_forced_410_relists_without_losing_routes() {
             ],
         ))
         .unwrap();
-    eventually("the change after the relist", LIMIT, || {
+    k.eventually("the change after the relist", LIMIT, || {
         backends(&k.local, name).len() == 2
     })
     .await;
@@ -349,12 +360,12 @@ async fn api_server_down_keeps_routes_stale_then_catches_up() {
             &[("10.0.0.1", true, true, false)],
         ))
         .unwrap();
-    eventually("the route, fresh", LIMIT, || {
+    k.eventually("the route, fresh", LIMIT, || {
         backends(&k.local, name).len() == 1 && !k.handle.is_stale()
     })
     .await;
     k.api.stop().await;
-    eventually("stale while the API server is down", LIMIT, || {
+    k.eventually("stale while the API server is down", LIMIT, || {
         k.handle.is_stale() && k.stats.stale.load(Ordering::Relaxed)
     })
     .await;
@@ -377,7 +388,7 @@ async fn api_server_down_keeps_routes_stale_then_catches_up() {
         .unwrap();
     assert_eq!(backends(&k.local, name), ["10.0.0.1:9000"]);
     k.api.resume().unwrap();
-    eventually("caught up and fresh", Duration::from_secs(40), || {
+    k.eventually("caught up and fresh", Duration::from_secs(40), || {
         !k.handle.is_stale()
             && backends(&k.local, name) == ["10.0.0.9:9000"]
             && route(&k.local, "pay.apps.internal").is_some()
@@ -413,7 +424,7 @@ async fn bad_annotations_are_refused_counted_and_good_services_apply() {
             annotated("p.apps.internal", &[("isthmus.io/ports", "grpc")]),
         ))
         .unwrap();
-    eventually("the good Service applies, two refused", LIMIT, || {
+    k.eventually("the good Service applies, two refused", LIMIT, || {
         route(&k.local, "good.apps.internal").is_some()
             && k.stats.services_rejected_now.load(Ordering::Relaxed) == 2
     })
@@ -428,7 +439,7 @@ async fn bad_annotations_are_refused_counted_and_good_services_apply() {
             annotated("good.apps.internal", &[("isthmus.io/export", "yes")]),
         ))
         .unwrap();
-    eventually("the typo refused", LIMIT, || {
+    k.eventually("the typo refused", LIMIT, || {
         k.stats.services_rejected.load(Ordering::Relaxed) == 3
     })
     .await;
@@ -444,7 +455,7 @@ async fn bad_annotations_are_refused_counted_and_good_services_apply() {
             annotated("more.apps.internal", &[]),
         ))
         .unwrap();
-    eventually("another table", LIMIT, || {
+    k.eventually("another table", LIMIT, || {
         route(&k.local, "more.apps.internal").is_some()
     })
     .await;
@@ -501,7 +512,7 @@ async fn service_export_conditions_valid_and_conflict() {
     let valid = |n: &str| condition(&k.api, v, n, "Valid");
     let conflict = |n: &str| condition(&k.api, v, n, "Conflict");
     let t = |s: &str, r: &str| Some((s.to_string(), r.to_string()));
-    eventually("every export's conditions", LIMIT, || {
+    k.eventually("every export's conditions", LIMIT, || {
         valid("a-first") == t("True", "Exported")
             && conflict("a-first") == t("False", "NoConflict")
             && conflict("b-second") == t("True", "RouteConflict")
@@ -526,7 +537,7 @@ async fn service_export_conditions_valid_and_conflict() {
     k.api
         .create(service("default", "x", annotated("x.apps.internal", &[])))
         .unwrap();
-    eventually("another table", LIMIT, || {
+    k.eventually("another table", LIMIT, || {
         route(&k.local, "x.apps.internal").is_some()
             && k.stats.syncs.load(Ordering::Relaxed) > syncs
     })
@@ -540,7 +551,7 @@ async fn service_export_conditions_valid_and_conflict() {
     k.api
         .delete(Resource::Services, "default", "a-first")
         .unwrap();
-    eventually("the conflict resolved", LIMIT, || {
+    k.eventually("the conflict resolved", LIMIT, || {
         conflict("b-second") == t("False", "NoConflict")
             && valid("a-first") == t("False", "ServiceNotFound")
     })
@@ -561,12 +572,12 @@ async fn a_v1alpha1_only_server_exports_through_v1alpha1() {
     k.api
         .create(export(McsVersion::V1alpha1, "default", "orders"))
         .unwrap();
-    eventually("exported through v1alpha1", LIMIT, || {
+    k.eventually("exported through v1alpha1", LIMIT, || {
         route(&k.local, name).is_some_and(|r| r.exported)
     })
     .await;
     assert_eq!(k.stats.export_version.load(Ordering::Relaxed), 2);
-    eventually("its conditions", LIMIT, || {
+    k.eventually("its conditions", LIMIT, || {
         condition(&k.api, McsVersion::V1alpha1, "orders", "Valid")
             == Some(("True".into(), "Exported".into()))
     })
@@ -594,7 +605,7 @@ async fn without_the_crd_only_the_annotation_exports_until_it_is_installed() {
             annotated("orders.apps.internal", &[]),
         ))
         .unwrap();
-    eventually("routes with no CRD served", LIMIT, || {
+    k.eventually("routes with no CRD served", LIMIT, || {
         route(&k.local, "a.apps.internal").is_some_and(|r| r.exported)
             && route(&k.local, "orders.apps.internal").is_some_and(|r| !r.exported)
     })
@@ -606,7 +617,7 @@ async fn without_the_crd_only_the_annotation_exports_until_it_is_installed() {
     k.api
         .create(export(McsVersion::V1beta1, "default", "orders"))
         .unwrap();
-    eventually("exported once the CRD is there", LIMIT, || {
+    k.eventually("exported once the CRD is there", LIMIT, || {
         route(&k.local, "orders.apps.internal").is_some_and(|r| r.exported)
     })
     .await;
@@ -776,7 +787,7 @@ async fn kubectl_create_replace_and_delete_each_reach_the_routes() {
     )
     .await
     .unwrap();
-    eventually("kubectl create: an exported route", LIMIT, || {
+    k.eventually("kubectl create: an exported route", LIMIT, || {
         route(&k.local, "orders.apps.internal").is_some_and(|r| r.exported && r.backends.len() == 1)
     })
     .await;
@@ -800,7 +811,7 @@ async fn kubectl_create_replace_and_delete_each_reach_the_routes() {
     )
     .await
     .unwrap();
-    eventually("kubectl replace: the route renamed", LIMIT, || {
+    k.eventually("kubectl replace: the route renamed", LIMIT, || {
         route(&k.local, "orders-v2.apps.internal").is_some_and(|r| r.exported)
             && route(&k.local, "orders.apps.internal").is_none()
     })
@@ -810,12 +821,12 @@ async fn kubectl_create_replace_and_delete_each_reach_the_routes() {
     run(&["delete", "serviceexport", "orders"], None)
         .await
         .unwrap();
-    eventually("kubectl delete serviceexport: not exported", LIMIT, || {
+    k.eventually("kubectl delete serviceexport: not exported", LIMIT, || {
         route(&k.local, "orders-v2.apps.internal").is_some_and(|r| !r.exported)
     })
     .await;
     run(&["delete", "service", "orders"], None).await.unwrap();
-    eventually("kubectl delete service: no route", LIMIT, || {
+    k.eventually("kubectl delete service: no route", LIMIT, || {
         route(&k.local, "orders-v2.apps.internal").is_none()
     })
     .await;

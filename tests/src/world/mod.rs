@@ -573,11 +573,12 @@ impl World {
     }
 
     /// Waits until k8s's route-sync has set `condition` (`Valid`, `Conflict`) of `app`'s
-    /// ServiceExport to `status` (`True`/`False`), read as the operator reads it, with
-    /// `kubectl get -o jsonpath`. Returns the condition's reason.
+    /// ServiceExport to `status` (`True`/`False`), as the operator would wait for it: with
+    /// `kubectl wait --for=jsonpath=...` (a watch), then `kubectl get -o jsonpath` for the
+    /// condition's reason, which it returns.
     ///
     /// # Errors
-    /// Not within `limit`: the last answer is in the error.
+    /// Not within `limit` (kubectl's message is in the error).
     pub async fn wait_export_condition(
         &self,
         app: App,
@@ -585,31 +586,35 @@ impl World {
         status: &str,
         limit: Duration,
     ) -> anyhow::Result<String> {
-        let path = format!(
-            "jsonpath={{.status.conditions[?(@.type==\"{condition}\")].status}} \
-             {{.status.conditions[?(@.type==\"{condition}\")].reason}}"
-        );
+        let at = format!("{{.status.conditions[?(@.type==\"{condition}\")]");
         let export = format!("serviceexport/{}", app.short());
-        let start = Instant::now();
-        let mut last = String::new();
-        while start.elapsed() < limit {
-            match self
-                .kubectl(&["-n", kube::APPS_NAMESPACE, "get", &export, "-o", &path])
-                .await
-            {
-                Ok(out) => match out.split_once(' ') {
-                    Some((s, reason)) if s == status => return Ok(reason.trim().to_owned()),
-                    _ => last = out,
-                },
-                Err(e) => last = format!("{e:#}"),
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        bail!(
-            "ServiceExport {}/{}: condition {condition} not {status} within {limit:?} (last: {last:?})",
+        let until = format!("--for=jsonpath={at}.status}}={status}");
+        let timeout = format!("--timeout={}ms", limit.as_millis());
+        // The watch may last the whole limit: no shorter per-request timeout (the later
+        // flag wins over the wrapper's default).
+        let request = format!("--request-timeout={}ms", limit.as_millis() + 5000);
+        self.kubectl(&[
+            "-n",
             kube::APPS_NAMESPACE,
-            app.short()
-        )
+            "wait",
+            &request,
+            &until,
+            &timeout,
+            &export,
+        ])
+        .await
+        .with_context(|| {
+            format!(
+                "ServiceExport {}/{}: condition {condition} not {status} within {limit:?}",
+                kube::APPS_NAMESPACE,
+                app.short()
+            )
+        })?;
+        let reason = format!("jsonpath={at}.reason}}");
+        let out = self
+            .kubectl(&["-n", kube::APPS_NAMESPACE, "get", &export, "-o", &reason])
+            .await?;
+        Ok(out.trim().to_owned())
     }
 
     /// How many routes `c`'s route-sync holds from `origin` (`local` or a cluster name).
